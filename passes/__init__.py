@@ -1,0 +1,1 @@
+"""passes: generic ONNX graph passes, placement, partitioning and cutting (knows nothing of RWKV files)."""

@@ -1,0 +1,5 @@
+import sys
+
+from rwkv2rknn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""The manifest: the JSON contract between the compiler (split, build) and the hybrid runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+
+from rwkv2rknn.errors import UserError
+from rwkv2rknn.fsio import sha256_file, write_json_atomic
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "dtype", "shape"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "dtype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    },
+}
+_REF = {
+    "type": "object",
+    "required": ["graph", "name"],
+    "properties": {"graph": {"type": "string"}, "name": {"type": "string"}},
+}
+SCHEMA = {
+    "type": "object",
+    "required": ["format_version", "target", "graphs"],
+    "properties": {
+        "format_version": {"type": "integer", "minimum": 1},
+        "target": {"type": "string"},
+        "policy": {"type": "string"},
+        "graphs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "source", "inputs", "outputs", "segments"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "source": {
+                        "type": "object",
+                        "required": ["path", "sha256"],
+                        "properties": {"path": {"type": "string"}, "sha256": {"type": "string"}},
+                    },
+                    "inputs": {"type": "array", "items": _TENSOR},
+                    "outputs": {"type": "array", "items": _TENSOR},
+                    "segments": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "backend", "onnx", "inputs", "outputs"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "backend": {"enum": ["npu", "cpu"]},
+                                "onnx": {"type": "string"},
+                                "sha256": {"type": "string"},
+                                "inputs": {"type": "array", "items": _TENSOR},
+                                "outputs": {"type": "array", "items": _TENSOR},
+                                "rknn": {"type": "string"},
+                                "rknn_sha256": {"type": "string"},
+                                "verify": {
+                                    "type": "object",
+                                    "properties": {
+                                        "cosine": {"type": "number"},
+                                        "max_abs": {"type": "number"},
+                                    },
+                                },
+                                "fallback_reason": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "model": {
+            "type": ["object", "null"],
+            "required": ["vocab_size", "token_input", "logits", "links", "state"],
+            "properties": {
+                "vocab_size": {"type": "integer", "minimum": 1},
+                "n_layer": {"type": "integer"},
+                "n_embd": {"type": "integer"},
+                "tokenizer": {"type": ["string", "null"]},
+                "token_input": _REF,
+                "logits": _REF,
+                "links": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["from", "to"],
+                              "properties": {"from": _REF, "to": _REF}},
+                },
+                "state": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["graph", "input", "output", "shape", "dtype", "init"],
+                        "properties": {
+                            "graph": {"type": "string"},
+                            "input": {"type": "string"},
+                            "output": {"type": "string"},
+                            "shape": {"type": "array", "items": {"type": "integer"}},
+                            "dtype": {"type": "string"},
+                            "init": {
+                                "type": "object",
+                                "required": ["fill"],
+                                "properties": {
+                                    "fill": {"type": "number"},
+                                    "rows": {"type": "object",
+                                             "additionalProperties": {"type": "number"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def tensor_spec(name: str, dtype: str, shape) -> dict:
+    return {"name": name, "dtype": str(dtype), "shape": [int(d) for d in shape]}
+
+
+class Manifest:
+    """A loaded manifest: the JSON dict plus the directory its relative paths start from."""
+
+    def __init__(self, data: dict, path: str | Path):
+        self.data = data
+        self.path = Path(path)
+        self.root = self.path.parent
+
+    # -- access ---------------------------------------------------------------------------------
+    @property
+    def graphs(self) -> list[dict]:
+        return self.data["graphs"]
+
+    @property
+    def model(self) -> dict | None:
+        return self.data.get("model")
+
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
+    def segments(self):
+        """Every (graph, segment) pair in execution order."""
+        for g in self.graphs:
+            for s in g["segments"]:
+                yield g, s
+
+    def resolve(self, rel: str) -> Path:
+        return self.root / rel
+
+    def relative(self, path: str | Path) -> str:
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    # -- io -------------------------------------------------------------------------------------
+    def save(self) -> None:
+        validate(self.data, self.path)
+        write_json_atomic(self.path, self.data)
+
+    @classmethod
+    def load(cls, path: str | Path, check_files: bool = True) -> "Manifest":
+        """Load and validate; refuse newer formats, missing files and files whose sha256 changed."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.exists():
+            raise UserError(f"{path}: no manifest here; run `rwkv2rknn split MODEL -o {path.parent}` first")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not a valid manifest ({exc}); rerun `rwkv2rknn split`") from None
+        if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
+            raise UserError(f"{path}: not an rwkv2rknn manifest (no format_version); rerun `rwkv2rknn split`")
+        if data["format_version"] > FORMAT_VERSION:
+            raise UserError(
+                f"{path}: manifest format {data['format_version']} is newer than this rwkv2rknn "
+                f"understands ({FORMAT_VERSION}); upgrade rwkv2rknn or split again with this version"
+            )
+        validate(data, path)
+        m = cls(data, path)
+        if check_files:
+            m.check_files()
+        return m
+
+    def check_files(self) -> None:
+        for _, seg in self.segments():
+            for key, hkey in (("onnx", "sha256"), ("rknn", "rknn_sha256")):
+                if key not in seg:
+                    continue
+                f = self.resolve(seg[key])
+                if not f.exists():
+                    raise UserError(
+                        f"{self.path}: segment {seg['id']} names {seg[key]}, which is missing; "
+                        "copy the whole output directory, or split/build again"
+                    )
+                if hkey in seg and sha256_file(f) != seg[hkey]:
+                    raise UserError(
+                        f"{f}: sha256 differs from {self.path.name} (file altered or partly copied); "
+                        "copy it again, or split/build again"
+                    )
+
+
+def validate(data: dict, path: str | Path = "manifest") -> None:
+    try:
+        jsonschema.validate(data, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "top level"
+        raise UserError(f"{path}: invalid manifest at {where}: {exc.message}; rerun `rwkv2rknn split`") from None
+    ids = [s["id"] for g in data["graphs"] for s in g["segments"]]
+    if len(ids) != len(set(ids)):
+        raise UserError(f"{path}: segment ids are not unique; rerun `rwkv2rknn split`")
