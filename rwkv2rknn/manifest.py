@@ -11,6 +11,8 @@ from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
+# The directory `split` writes and `build` reads when the user names none.
+DEFAULT_OUT = "rwkv2rknn-out"
 MANIFEST_NAME = "manifest.json"
 
 _TENSOR = {

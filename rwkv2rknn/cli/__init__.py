@@ -8,13 +8,11 @@ import sys
 
 from rwkv2rknn import __version__
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.manifest import DEFAULT_OUT  # noqa: F401  (re-exported: split writes it, build reads it)
 
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`,
 # which adds its parser and sets `func` to a callable taking the parsed args.
 SUBCOMMANDS = ["export", "split", "build", "report", "doctor"]
-
-# The directory `split` writes and `build` reads when the user names none.
-DEFAULT_OUT = "rwkv2rknn-out"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,197 @@
+"""The split driver: source graphs -> passes pipeline -> segment ONNX files + manifest.json."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from passes.cut import extract_segments
+from passes.partition import propose_segments
+from passes.pipeline import normalize
+from passes.placement import TARGETS, place
+from rwkv2rknn import __version__
+from rwkv2rknn.errors import UserError
+from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
+from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
+from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
+
+POLICIES = ("fused", "matmul", "layer")
+PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
+
+
+@dataclass
+class GraphReport:
+    """What one graph became: for the summary table and the preview."""
+
+    name: str
+    npu_segments: int = 0
+    cpu_segments: int = 0
+    matmul_flops: int = 0
+    npu_matmul_flops: int = 0
+    crossing_bytes: int = 0
+    placement: list[dict] = field(default_factory=list)
+
+    @property
+    def npu_share(self) -> float:
+        return self.npu_matmul_flops / self.matmul_flops if self.matmul_flops else 0.0
+
+
+def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """--shape NAME=D0,D1,... -> {NAME: [D0, D1, ...]}."""
+    shapes = {}
+    for spec in specs or []:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",") if d.strip() != ""]
+        except ValueError:
+            raise UserError(f"--shape {spec!r}: expected NAME=D0,D1,... with integer dims, e.g. input=1024") from None
+    return shapes
+
+
+def _nbytes(t) -> int:
+    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+
+
+def _io_specs(tensors) -> list[dict]:
+    return [tensor_spec(t.name, np.dtype(t.dtype).name, t.shape) for t in tensors]
+
+
+def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
+    graph = gs.import_onnx(src.model)
+    try:
+        return normalize(graph, shapes)
+    except ValueError as exc:
+        raise UserError(f"{src.path}: {exc}; fix the sizes with --shape NAME=D0,D1,...") from None
+
+
+def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shapes: dict,
+                 seg_dir: Path | None, root: Path | None) -> tuple[dict, GraphReport]:
+    graph = _normalized(src, shapes)
+    placement = place(graph, target=target, npu_all=npu_all)
+    segments = propose_segments(graph, placement, policy=policy)
+    cuts = extract_segments(graph, segments)
+    report = GraphReport(src.name)
+    seg_entries = []
+    for i, (seg, cut) in enumerate(zip(segments, cuts)):
+        sid = f"{src.name}.s{i}"
+        for node in seg.nodes:
+            decided = placement[node.name]
+            reason = decided.reason if decided.backend == seg.backend else seg.reason
+            report.placement.append({"node": node.name, "op": node.op, "segment": sid,
+                                     "backend": seg.backend, "reason": reason})
+        report.matmul_flops += cut.matmul_flops
+        if cut.backend == "npu":
+            report.npu_segments += 1
+            report.npu_matmul_flops += cut.matmul_flops
+            report.crossing_bytes += sum(_nbytes(t) for t in cut.inputs + cut.outputs)
+        else:
+            report.cpu_segments += 1
+        entry = {"id": sid, "backend": cut.backend, "onnx": f"segments/{sid}.onnx",
+                 "inputs": _io_specs(cut.inputs), "outputs": _io_specs(cut.outputs),
+                 "nodes": cut.nodes, "matmul_flops": int(cut.matmul_flops)}
+        if seg_dir is not None:
+            path = seg_dir / f"{sid}.onnx"
+            onnx.save(cut.model, str(path))
+            entry["sha256"] = sha256_file(path)
+        seg_entries.append(entry)
+    source = {"path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),
+              "sha256": sha256_file(src.path),
+              "dtype": _source_float_dtype(src.model)}
+    entry = {"name": src.name, "source": source,
+             "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
+             "segments": seg_entries, "placement": report.placement}
+    return entry, report
+
+
+def _source_float_dtype(model: onnx.ModelProto) -> str:
+    for v in list(model.graph.input) + list(model.graph.output):
+        et = v.type.tensor_type.elem_type
+        if et in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT):
+            return onnx.helper.tensor_dtype_to_np_dtype(et).name
+    return "float32"
+
+
+def _tokenizer_hint(model: RwkvModel) -> str | None:
+    if model.tokenizer_file is not None:
+        return "tokenizer.json"
+    if model.vocab_size == 256:
+        return "bytes"
+    if model.vocab_size == 65536:
+        return "world"
+    if 50254 <= model.vocab_size <= 50432:  # GPT-NeoX 20B BPE (Pile / Raven)
+        return "neox"
+    return None
+
+
+def _model_loop(model: RwkvModel, policy: str, npu_all: bool) -> dict:
+    names = [g.name for g in model.graphs]
+    links = [{"from": {"graph": a, "name": "output"}, "to": {"graph": b, "name": "input"}}
+             for a, b in zip(names[:-2], names[1:-1])]
+    links.append({"from": {"graph": names[-2], "name": "output"}, "to": {"graph": "head", "name": "x"}})
+    # -1e30 overflows float16: it is only safe while the recurrence stays fp32 on the CPU. Starting
+    # pp at 0 gives the same outputs because aa = bb = 0 (shared/docs/llama-onnx-rwkv4.md).
+    fp32_recurrence = model.float_dtype == "float32" and policy != "layer" and not npu_all
+    rows = {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
+    state = [{"graph": f"mixing_{i}", "input": "state_in", "output": "state_out",
+              "shape": [model.state_rows, model.n_embd], "dtype": "float32",
+              "init": {"fill": 0.0, "rows": rows}} for i in range(model.n_layer)]
+    return {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size,
+            "tokenizer": _tokenizer_hint(model),
+            "token_input": {"graph": "embed", "name": "token"},
+            "logits": {"graph": "head", "name": "output"},
+            "links": links, "state": state}
+
+
+def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
+                target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
+                force: bool = False, preview: bool = False, progress: bool = True) -> tuple[dict, list[GraphReport]]:
+    """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview)."""
+    if policy not in POLICIES:
+        raise UserError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if target not in TARGETS:
+        raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
+    shapes = shapes or {}
+    sources, model = load_sources(paths)
+    out_dir = Path(out_dir)
+    bar = tqdm(sources, desc="split", unit="graph", disable=not progress, file=sys.stderr, leave=False)
+    entries, reports = [], []
+
+    def run(stage: Path | None):
+        seg_dir = None
+        if stage is not None:
+            seg_dir = stage / "segments"
+            seg_dir.mkdir()
+        for src in bar:
+            bar.set_postfix_str(src.name)
+            entry, report = _split_graph(src, policy, target, npu_all, shapes, seg_dir,
+                                         out_dir if stage is not None else None)
+            src.model = None  # let the source weights go before the next graph loads its own copy
+            entries.append(entry)
+            reports.append(report)
+
+    data = None
+    if preview:
+        run(None)
+    else:
+        with staged_directory(out_dir, force=force) as stage:
+            run(stage)
+            data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "target": target, "policy": policy, "npu_all": npu_all,
+                    "graphs": entries, "model": _model_loop(model, policy, npu_all) if model else None}
+            if model is not None and model.tokenizer_file is not None:
+                shutil.copyfile(model.tokenizer_file, stage / "tokenizer.json")
+            validate(data, out_dir / MANIFEST_NAME)
+            write_json_atomic(stage / MANIFEST_NAME, data)
+    return data, reports
