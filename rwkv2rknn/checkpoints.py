@@ -213,7 +213,7 @@ def load_pth(path: str | os.PathLike) -> Weights:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
             break
-        except Exception as exc:  # torch raises many types for damaged files
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if sd is None:
         raise UserError(f"{path}: cannot read as a torch checkpoint ({errors[-1]}); "
@@ -362,7 +362,10 @@ def random_weights(layers: int, embd: int, vocab: int, ffn: int | None = None, s
             rng = np.random.default_rng([seed, 3])
             return {**ln(rng, "ln_out"), "head.weight": normal(rng, (V, C), C ** -0.5)}
         rng = np.random.default_rng([seed, 2, part])
-        u = lambda lo, hi: rng.uniform(lo, hi, C).astype(np.float32)  # noqa: E731
+
+        def u(lo, hi):
+            return rng.uniform(lo, hi, C).astype(np.float32)
+
         out = {**ln(rng, "ln1"), **ln(rng, "ln2")}
         # raw decay in [-3, 1.5] -> w = -exp(.) in about [-4.5, -0.05]
         out["att.time_decay"] = -np.exp(u(-3.0, 1.5))

@@ -84,3 +84,154 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
         if not (ok and for_simulator):
             with _quiet(quiet and not verbose):
                 rknn.release()
+
+
+# -- the child-process side of `rwkv2rknn build` --------------------------------------------------
+# `python -m rwkv2rknn.compile_worker JOB.json`: compile one segment, optionally verify it in the
+# simulator against onnxruntime fp32, and write RESULT.json. The parent reads the exit status: a
+# negative one (a signal) or a timeout means the compiler died, and the parent bisects.
+
+INJECT_CRASH_ENV = "RWKV2RKNN_INJECT_CRASH"
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """A build killed with SIGKILL must not leave compilers running: ask the kernel to kill us too."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, 9)
+    except Exception:  # not Linux: the orphan finishes its compile and exits
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(3)  # the parent died before prctl took effect
+
+
+def _cosine(a, b) -> float:
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def load_samples(path) -> list[dict]:
+    """Samples stored by `save_samples`: a list of {input name: array}."""
+    import numpy as np
+
+    samples: dict[int, dict] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            i, _, name = key.partition(":")
+            samples.setdefault(int(i), {})[name] = z[key]
+    return [samples[i] for i in sorted(samples)]
+
+
+def save_samples(path, samples: list[dict]) -> None:
+    import numpy as np
+
+    flat = {f"{i}:{name}": np.asarray(arr) for i, feed in enumerate(samples) for name, arr in feed.items()}
+    with open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def verify_segment(rknn, onnx_path, samples: list[dict]) -> dict:
+    """Run the simulator and onnxruntime fp32 on the same inputs: min cosine, max abs difference."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    in_names = [v.name for v in model.graph.input if v.name not in inits]
+    out_shapes = []
+    for v in model.graph.output:
+        dims = v.type.tensor_type.shape.dim
+        out_shapes.append([d.dim_value for d in dims] if all(d.HasField("dim_value") for d in dims) else None)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    cos, max_abs = 1.0, 0.0
+    for feed in samples:
+        feed = {n: np.ascontiguousarray(feed[n]) for n in in_names}
+        ref = sess.run(None, feed)
+        # "nchw" for every input: the ONNX layout as is, so the toolkit transposes nothing.
+        got = rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names))
+        if got is None or len(got) != len(ref):
+            raise CompileError("simulator inference returned no outputs")
+        for r, g, shape in zip(ref, got, out_shapes):
+            g = np.asarray(g, dtype=np.float32)
+            if g.size != r.size:
+                raise CompileError(f"simulator output has {g.size} values, onnxruntime {r.size}")
+            g = g.reshape(shape if shape is not None else r.shape)
+            cos = min(cos, _cosine(g, r))
+            diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+            max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+    return {"cosine": cos, "max_abs": max_abs}
+
+
+def run_job(job: dict) -> dict:
+    """Compile (and verify) the segment a job file describes; the result dict for the parent."""
+    import time
+
+    t0 = time.perf_counter()
+    verify = job.get("verify_inputs")
+    rknn = compile_segment(job["onnx"], target=job["target"], precision=job["precision"],
+                           dataset=job.get("dataset"), rknn_out=job["rknn_out"],
+                           for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
+    result = {"ok": True, "verify": None}
+    if verify:
+        try:
+            result["verify"] = verify_segment(rknn, job["onnx"], load_samples(verify))
+        finally:
+            rknn.release()
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _write_result(path, result: dict) -> None:
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    import signal
+    import traceback
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m rwkv2rknn.compile_worker JOB.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        job = json.load(f)
+    _die_with_parent(job.get("parent_pid"))
+    crash = os.environ.get(INJECT_CRASH_ENV)
+    if crash and crash in job["id"]:
+        # Test hook: behave like the 2023 compiler on this segment.
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+    try:
+        result = run_job(job)
+    except Exception as exc:  # a failure return code or a toolkit exception: the parent bisects
+        traceback.print_exc()
+        _write_result(job["result"], {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    _write_result(job["result"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,9 +22,21 @@ LAYOUT = {
 
 @dataclass
 class SourceGraph:
+    """One source graph. Its ModelProto is loaded on demand and can be dropped: a 24-layer model
+    never needs all of its weights in memory at once."""
+
     name: str            # embed, mixing_3, head, or a file's stem
     path: Path
-    model: onnx.ModelProto = field(repr=False)
+    _model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = load_onnx_file(self.path)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
 
 
 @dataclass
@@ -84,6 +96,7 @@ def io_signature(model: onnx.ModelProto) -> tuple[dict, dict]:
 
 def _check_layout(graph: SourceGraph, kind: str) -> tuple[dict, dict]:
     ins, outs = io_signature(graph.model)
+    graph.release()
     want = LAYOUT[kind]
     for side, have, expect in (("inputs", ins, want["inputs"]), ("outputs", outs, want["outputs"])):
         if set(have) != set(expect) or any(len(have[n][1]) != r for n, r in expect.items()):
@@ -120,9 +133,9 @@ def load_model_dir(directory: str | Path) -> RwkvModel:
             f"{directory}: layer files have a gap (no mixing_{gaps[0]}.onnx, but mixing_{n_layer - 1}.onnx "
             "exists); copy the missing layers or export the model again"
         )
-    graphs = [SourceGraph("embed", directory / "embed.onnx", load_onnx_file(directory / "embed.onnx"))]
-    graphs += [SourceGraph(f"mixing_{i}", layers[i], load_onnx_file(layers[i])) for i in range(n_layer)]
-    graphs.append(SourceGraph("head", directory / "head.onnx", load_onnx_file(directory / "head.onnx")))
+    graphs = [SourceGraph("embed", directory / "embed.onnx")]
+    graphs += [SourceGraph(f"mixing_{i}", layers[i]) for i in range(n_layer)]
+    graphs.append(SourceGraph("head", directory / "head.onnx"))
 
     _, e_out = _check_layout(graphs[0], "embed")
     n_embd = e_out["output"][1][0]
@@ -165,5 +178,5 @@ def load_sources(paths: list[str | Path]) -> tuple[list[SourceGraph], RwkvModel 
         if name in seen:
             raise UserError(f"{p}: two inputs named {name!r}; split them in separate runs")
         seen.add(name)
-        graphs.append(SourceGraph(name, p, load_onnx_file(p)))
+        graphs.append(SourceGraph(name, p, load_onnx_file(p)))  # fail early, before any output
     return graphs, None

@@ -176,7 +176,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             bar.set_postfix_str(src.name)
             entry, report = _split_graph(src, policy, target, npu_all, shapes, seg_dir,
                                          out_dir if stage is not None else None)
-            src.model = None  # let the source weights go before the next graph loads its own copy
+            src.release()  # let the source weights go before the next graph loads its own
             entries.append(entry)
             reports.append(report)
 

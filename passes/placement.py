@@ -1,0 +1,134 @@
+"""Placement: a table-driven NPU support predicate per target plus the fp32 precision rule, with reasons."""
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+import onnx_graphsurgeon as gs
+
+from passes.graphutil import is_float, np_dtype, static_shape
+
+
+class Placement(NamedTuple):
+    backend: str  # "npu" | "cpu"
+    reason: str
+
+
+# Float ops the rknn-toolkit2 NPU compiler handles (fp16). Value: extra check name or None.
+NPU_OPS = {
+    "MatMul": "weight", "Gemm": "weight", "Conv": "weight",
+    "Add": None, "Sub": None, "Mul": None, "Div": None, "Pow": None, "Sqrt": None, "Reciprocal": None,
+    "Neg": None, "Abs": None, "Exp": None, "Log": None, "Max": None, "Min": None,
+    "Relu": None, "Sigmoid": None, "Tanh": None, "LeakyRelu": None, "Clip": None, "Erf": None,
+    "HardSigmoid": None, "HardSwish": None, "Softmax": None, "LayerNormalization": None,
+    "ReduceMean": None, "ReduceSum": None, "ReduceMax": None, "ReduceMin": None,
+    "Reshape": "shape", "Flatten": None, "Squeeze": None, "Unsqueeze": None, "Transpose": None,
+    "Concat": None, "Split": None, "Slice": None, "Identity": None,
+}
+# Ops the table keeps on the CPU on purpose, with why.
+CPU_OPS = {
+    "Gather": "index lookup with an integer index: cheap on the CPU",
+    "Shape": "shape arithmetic stays on the CPU",
+    "Cast": "type conversion stays on the CPU",
+    "ConstantOfShape": "shape arithmetic stays on the CPU",
+    "Range": "shape arithmetic stays on the CPU",
+}
+MAX_NPU_RANK = 4
+# rknn-toolkit2 targets sharing one operator table (RKNPU2 generation).
+TARGETS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562", "rv1103", "rv1106")
+_TABLES = {t: (NPU_OPS, CPU_OPS) for t in TARGETS}
+
+PRECISION_SEEDS = ("Exp", "Log", "Max")
+_WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _weight_check(node):
+    if node.op == "Conv":
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        return None if isinstance(w, gs.Constant) else "weight is not constant"
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return "weight is not constant"
+    if node.op == "Gemm" and len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+        return "bias is not constant"
+    return None
+
+
+def supported(node, target="rk3588") -> Placement:
+    """The table's answer for one node, ignoring the precision rule."""
+    if target not in _TABLES:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    npu_ops, cpu_ops = _TABLES[target]
+    op = node.op
+    if op in cpu_ops:
+        return Placement("cpu", f"{op}: {cpu_ops[op]}")
+    if op not in npu_ops or node.domain not in ("", "ai.onnx", None):
+        return Placement("cpu", f"{op}: not in the {target} NPU op table")
+    check = npu_ops[op]
+    if check == "weight":
+        why = _weight_check(node)
+        if why:
+            return Placement("cpu", f"{op}: {why}")
+    if check == "shape" and len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
+        return Placement("cpu", f"{op}: shape is not constant")
+    for t in list(node.inputs) + list(node.outputs):
+        if isinstance(t, gs.Constant) or not t.name:
+            continue
+        if not is_float(t):
+            return Placement("cpu", f"{op}: tensor {t.name} is {np_dtype(t.dtype) or 'untyped'}, NPU takes float only")
+        shape = static_shape(t)
+        if shape is None:
+            return Placement("cpu", f"{op}: tensor {t.name} has no static shape")
+        if len(shape) > MAX_NPU_RANK:
+            return Placement("cpu", f"{op}: tensor {t.name} has rank {len(shape)} > {MAX_NPU_RANK}")
+    return Placement("npu", f"{op}: supported on {target} NPU")
+
+
+def precision_pinned(graph) -> dict:
+    """Nodes the fp32 precision rule keeps on the CPU -> reason (seeds, forward and backward closure)."""
+    consumers = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Variable):
+                consumers.setdefault(t.name, []).append(node)
+    pinned = {}
+    queue = deque()
+    for node in graph.nodes:
+        if node.op in PRECISION_SEEDS:
+            pinned[node.name] = f"{node.op}: kept fp32 on CPU (precision rule)"
+            queue.append(node)
+    while queue:  # forward: everything downstream up to the next weight op
+        node = queue.popleft()
+        for out in node.outputs:
+            for user in consumers.get(out.name, ()):
+                if user.name not in pinned and user.op not in _WEIGHT_OPS:
+                    pinned[user.name] = f"{user.op}: consumes fp32 recurrence result {out.name} (precision rule)"
+                    queue.append(user)
+
+    def all_users_pinned(node):
+        users = [u for out in node.outputs for u in consumers.get(out.name, ())]
+        return bool(users) and all(u.name in pinned for u in users)
+
+    producers = {t.name: node for node in graph.nodes for t in node.outputs}
+    queue = deque(n for n in graph.nodes if n.name in pinned)
+    while queue:  # backward: a producer feeding only pinned nodes joins them
+        node = queue.popleft()
+        for t in node.inputs:
+            prod = producers.get(t.name) if isinstance(t, gs.Variable) else None
+            if prod is None or prod.name in pinned or prod.op in _WEIGHT_OPS:
+                continue
+            if all_users_pinned(prod):
+                pinned[prod.name] = f"{prod.op}: feeds only the fp32 recurrence (precision rule)"
+                queue.append(prod)
+    return pinned
+
+
+def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False) -> dict:
+    """node name -> Placement for every node; npu_all=True switches the precision rule off."""
+    pinned = {} if npu_all else precision_pinned(graph)
+    result = {}
+    for node in graph.nodes:
+        p = supported(node, target)
+        if p.backend == "npu" and node.name in pinned:
+            p = Placement("cpu", pinned[node.name])
+        result[node.name] = p
+    return result

@@ -1,0 +1,75 @@
+"""`rwkv2rknn build`: compile the NPU segments of OUT/manifest.json with rknn-toolkit2, verified."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
+
+
+def register(sub) -> None:
+    from rwkv2rknn.build import DEFAULT_TIMEOUT, RKNN_TARGETS
+
+    p = sub.add_parser(
+        "build",
+        help="compile NPU segments to .rknn (isolated, cached, verified in the simulator)",
+        description="Compile every NPU segment of OUT/manifest.json to OUT/rknn/<id>.rknn, each in its own "
+        "child process. A segment whose compile crashes, fails or hangs is bisected and rebuilt; what still "
+        "fails runs on the CPU, with the reason in the manifest. Each compiled segment is run in the "
+        "rknn-toolkit2 simulator on real activations and compared with onnxruntime fp32. Unchanged "
+        "segments are not compiled again.",
+    )
+    p.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
+                   help=f"directory holding {MANIFEST_NAME} from `rwkv2rknn split` (default: {DEFAULT_OUT})")
+    p.add_argument("--target", default="rk3588", metavar="PLATFORM",
+                   help=f"rknn-toolkit2 target platform: {', '.join(RKNN_TARGETS)} (default: rk3588)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "w8a8"],
+                   help="fp16 (default) or w8a8 (int8 weights and activations, calibrated)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="w8a8 calibration: a text file, or a file of token ids (default: built-in text)")
+    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help=f"compiles in parallel (default: CPU count, {os.cpu_count()})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds one compile may take before it counts as hung (default: {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--no-verify", action="store_true", help="skip the simulator check (not recommended)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.errors import UserError
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be at least 1")
+    report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
+                            jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
+                            progress=not args.quiet and sys.stderr.isatty())
+    print_summary(Console(highlight=False), report, args)
+    return 0
+
+
+def print_summary(console, report, args) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"build summary ({report.target}, {report.precision}, rknn-toolkit2 {report.toolkit})",
+                  title_justify="left")
+    for col in ("segments built", "cached", "fallen back to CPU", "bisected", "compiles", "cosine min"):
+        table.add_column(col, justify="right")
+    cmin = report.cosine_min
+    table.add_row(str(report.count("built")), str(report.count("cached")), str(report.count("fallback")),
+                  str(report.count("bisected")), str(report.compiles),
+                  "-" if cmin is None else f"{cmin:.6f}")
+    console.print(table)
+    for r in report.results:
+        if r.status == "fallback":
+            console.print(f"[yellow]fallback[/yellow] {r.id}: {r.reason}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning[/yellow] {w}")
+    if args.no_verify:
+        console.print("[yellow]warning[/yellow] --no-verify: the compiled segments were not checked")
+    console.print(f"compiled {report.compiles} segment(s) in {report.wall:.1f} s wall; "
+                  f"run: python -m rwkv2rknn.run {os.path.join(args.out, MANIFEST_NAME)}")

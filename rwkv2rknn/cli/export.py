@@ -1,0 +1,84 @@
+"""`rwkv2rknn export`: an RWKV-4 checkpoint (or random weights) -> llama.onnx-style per-layer graphs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rwkv2rknn.errors import UserError
+
+HELP = "export an RWKV-4 checkpoint (.pth / rwkv.cpp .bin) or random weights to per-layer ONNX graphs"
+DESCRIPTION = """\
+Write embed.onnx, mixing_0.onnx ... mixing_{L-1}.onnx and head.onnx in the llama.onnx RWKV-4 layout
+(1-D activations, opset 16, state rows: ffn shift, att shift, aa, bb, pp), ready for `rwkv2rknn split`.
+
+Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch), an rwkv.cpp .bin (fp32 or fp16; quantized
+files are refused), or --random weights of a given shape for tests and benchmarks.
+"""
+EPILOG = """\
+examples:
+  rwkv2rknn export RWKV-4-Pile-430M-20220808-8066.pth -o rwkv430m/
+  rwkv2rknn export rwkv-430m-f16.bin -o rwkv430m/ --dtype float32
+  rwkv2rknn export --random --layers 2 --embd 256 --vocab 512 -o tiny/
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", nargs="?", metavar="SRC",
+                   help="checkpoint: .pth (ChatRWKV torch state dict) or .bin (rwkv.cpp fp32/fp16)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR",
+                   help="output directory (replaced as a whole; one holding other files needs --force)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="tensor type of the graphs (default float16, as published)")
+    p.add_argument("--weights-as", choices=["constants", "initializers"], default="constants",
+                   help="store weights as Constant nodes (default, as published) or as initializers")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output directory that holds files rwkv2rknn did not write")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r = p.add_argument_group("random weights (instead of SRC)")
+    r.add_argument("--random", action="store_true", help="export random weights of the shape below")
+    r.add_argument("--layers", type=int, metavar="L", help="number of layers (with --random)")
+    r.add_argument("--embd", type=int, metavar="C", help="embedding width (with --random)")
+    r.add_argument("--vocab", type=int, metavar="V", help="vocabulary size (with --random)")
+    r.add_argument("--ffn", type=int, metavar="F", help="ffn hidden width (with --random; default 4*C)")
+    r.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.set_defaults(func=run)
+
+
+def _weights(args):
+    from rwkv2rknn import checkpoints
+
+    shape_opts = {k: getattr(args, k) for k in ("layers", "embd", "vocab", "ffn")}
+    if args.random:
+        if args.src:
+            raise UserError(f"{args.src}: give either a checkpoint or --random, not both")
+        missing = [f"--{k}" for k in ("layers", "embd", "vocab") if shape_opts[k] is None]
+        if missing:
+            raise UserError(f"--random needs {', '.join(missing)}; e.g. --layers 2 --embd 256 --vocab 512")
+        bad = [f"--{k}" for k, v in shape_opts.items() if v is not None and v < 1]
+        if bad:
+            raise UserError(f"{', '.join(bad)} must be a positive integer")
+        return checkpoints.random_weights(args.layers, args.embd, args.vocab, args.ffn, args.seed)
+    if not args.src:
+        raise UserError("no checkpoint given; name a .pth or .bin file, or use --random with "
+                        "--layers/--embd/--vocab")
+    given = [f"--{k}" for k, v in shape_opts.items() if v is not None]
+    if given:
+        raise UserError(f"{args.src}: {', '.join(given)} only apply with --random; the checkpoint sets its shape")
+    return checkpoints.load_checkpoint(args.src)
+
+
+def run(args) -> int:
+    from rwkv2rknn.export import export_model
+
+    weights = _weights(args)
+    t0 = time.perf_counter()
+    files = export_model(weights, args.out, dtype=args.dtype, weights_as=args.weights_as,
+                         force=args.force, progress=not args.quiet)
+    print(f"wrote {len(files)} graphs ({weights.n_layer} layers, n_embd={weights.n_embd}, "
+          f"vocab={weights.n_vocab}, {args.dtype}) to {args.out} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,322 @@
+"""Executes a manifest: graphs in order, segments in order, over pluggable runners, one token per step.
+
+The plan (which runner reads which names from which table, which outputs carry to the next graph
+or the next token) is resolved once at load time; a step is then list lookups and runner calls.
+State lives in the per-graph tensor tables: after a graph runs, its state output simply becomes
+its state input for the next token (no copy, no conversion).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rwkv2rknn.errors import UserError
+from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.run.runners import (CORE_MASKS, OrtRunner, RknnLiteRunner, RknnSimRunner, Runner,
+                                   rknnlite_available)
+
+BACKENDS = ("ort", "rknn-sim", "rknn-lite", "auto")
+
+
+def as_manifest(manifest) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+
+
+def resolve_backend(manifest: Manifest, backend: str) -> str:
+    """auto = rknn-lite when rknnlite imports and the manifest has built .rknn files, else ort."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    has_rknn = any("rknn" in s for _, s in manifest.segments())
+    if backend == "auto":
+        return "rknn-lite" if has_rknn and rknnlite_available() else "ort"
+    if backend == "rknn-lite":
+        if not rknnlite_available():
+            raise UserError("--backend rknn-lite: rknn-toolkit-lite2 (rknnlite) is not installed; it runs only "
+                            "on the RK3588 board; use --backend ort or rknn-sim on a PC")
+        if not has_rknn:
+            raise UserError(f"{manifest.path}: no segment has a .rknn file; run `rwkv2rknn build "
+                            f"{manifest.root}` first, or use --backend ort")
+    return backend
+
+
+def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int = 0,
+                   threads: int | None = None) -> Callable[[dict, dict], Runner]:
+    """(graph, segment) -> Runner. CPU segments and fallen-back NPU segments always run on ort."""
+    backend = resolve_backend(manifest, backend)
+
+    def make(graph: dict, seg: dict) -> Runner:
+        ins = [t["name"] for t in seg["inputs"]]
+        outs = [t["name"] for t in seg["outputs"]]
+        onnx_path = manifest.resolve(seg["onnx"])
+        if seg["backend"] == "cpu" or seg.get("fallback_reason") or backend == "ort":
+            return OrtRunner(onnx_path, ins, outs, threads=threads)
+        if backend == "rknn-sim":
+            return RknnSimRunner(onnx_path, ins, outs, target=manifest.target,
+                                 precision=seg.get("precision", "fp16"), dataset=seg.get("dataset"))
+        if "rknn" not in seg:
+            raise UserError(f"{manifest.path}: npu segment {seg['id']} has no .rknn file; run `rwkv2rknn build "
+                            f"{manifest.root}`, or use --backend ort")
+        return RknnLiteRunner(manifest.resolve(seg["rknn"]), ins, outs, core_mask=core_mask)
+
+    make.backend = backend
+    return make
+
+
+def _shape_fixer(fn, shapes):
+    """Runners outside onnxruntime may return [1, C] for [C]: reshape (a view) to the manifest shapes."""
+    def call(arrays):
+        return [o if o.shape == s else o.reshape(s) for o, s in zip(fn(arrays), shapes)]
+    return call
+
+
+class _GraphPlan:
+    __slots__ = ("name", "table", "links_in", "raw", "steps", "carry", "outputs")
+
+    def __init__(self, name):
+        self.name = name
+        self.table: dict = {}
+        self.links_in: list = []      # (dst name, src table, src name)
+        self.raw: list = []           # (infer_list, input names, output names, segment id)
+        self.steps: list = []         # raw, or raw wrapped in timers
+        self.carry: list = []         # (state input name, state output name)
+        self.outputs: list = []
+
+
+class Chain:
+    """A manifest bound to runners. `step(token) -> logits` for whole models, `run_graph` for single graphs.
+
+    runners: a factory (graph dict, segment dict) -> Runner (default: everything on onnxruntime).
+    timed: accumulate per-segment wall time in `segment_times` (a separate plan; zero cost when off).
+    trace: a file to print every segment call with its inputs on (ggml-scheduler style), or None.
+    record: a callable (segment id, feed dict) called before each segment (input tracing).
+    """
+
+    def __init__(self, manifest, runners: Callable[[dict, dict], Runner] | None = None, timed: bool = False,
+                 trace=None, record: Callable[[str, dict], None] | None = None, progress: bool = False):
+        self.manifest = as_manifest(manifest)
+        self.model = self.manifest.model
+        factory = runners or runner_factory(self.manifest, "ort")
+        self.backend = getattr(factory, "backend", "custom")
+        self.runners: dict[str, Runner] = {}
+        self.segment_times: dict[str, list] = {}  # id -> [seconds, calls]
+        self.plans: list[_GraphPlan] = []
+        self.by_name: dict[str, _GraphPlan] = {}
+        pairs = list(self.manifest.segments())
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(pairs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False)
+        for g in self.manifest.graphs:
+            plan = _GraphPlan(g["name"])
+            plan.outputs = [t["name"] for t in g["outputs"]]
+            for seg in g["segments"]:
+                runner = factory(g, seg)
+                if bar is not None:
+                    bar.set_postfix_str(seg["id"])
+                runner.activate()
+                if bar is not None:
+                    bar.update()
+                self.runners[seg["id"]] = runner
+                ins = [t["name"] for t in seg["inputs"]]
+                outs = [t["name"] for t in seg["outputs"]]
+                fn = runner.infer_list
+                if not isinstance(runner, OrtRunner):
+                    fn = _shape_fixer(fn, [tuple(t["shape"]) for t in seg["outputs"]])
+                if trace is not None or record is not None:
+                    fn = self._traced(fn, seg, runner, ins, trace, record)
+                plan.raw.append((fn, ins, outs, seg["id"]))
+            self.plans.append(plan)
+            self.by_name[plan.name] = plan
+        if bar is not None:
+            bar.close()
+        self.set_timing(timed)
+        if self.model is not None:
+            self._plan_model()
+
+    def set_timing(self, on: bool) -> None:
+        """Swap in a plan whose segment calls accumulate wall time in `segment_times` (or the plain one)."""
+        self.timed = on
+        for plan in self.plans:
+            plan.steps = [(self._timed(fn, sid) if on else fn, ins, outs, sid) for fn, ins, outs, sid in plan.raw]
+
+    # -- plan ---------------------------------------------------------------------------------------
+    def _plan_model(self):
+        m = self.model
+        for link in m["links"]:
+            src, dst = link["from"], link["to"]
+            if src["graph"] not in self.by_name or dst["graph"] not in self.by_name:
+                raise UserError(f"{self.manifest.path}: link {src} -> {dst} names an unknown graph; split again")
+            self.by_name[dst["graph"]].links_in.append((dst["name"], self.by_name[src["graph"]].table, src["name"]))
+        self._init_state = []
+        for st in m["state"]:
+            plan = self.by_name[st["graph"]]
+            plan.carry.append((st["input"], st["output"]))
+            init = np.full(st["shape"], st["init"]["fill"], dtype=np.dtype(st["dtype"]))
+            for row, value in st["init"].get("rows", {}).items():
+                init[int(row)] = value
+            self._init_state.append((plan.table, st["input"], init))
+        tok = m["token_input"]
+        g = next(x for x in self.manifest.graphs if x["name"] == tok["graph"])
+        spec = next(t for t in g["inputs"] if t["name"] == tok["name"])
+        self._token_buf = np.zeros(spec["shape"] or [], dtype=np.dtype(spec["dtype"]))
+        self.by_name[tok["graph"]].table[tok["name"]] = self._token_buf
+        self._logits_table = self.by_name[m["logits"]["graph"]].table
+        self._logits_name = m["logits"]["name"]
+        self.vocab_size = m["vocab_size"]
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the initial recurrent state (a fresh conversation)."""
+        for table, name, init in self._init_state:
+            table[name] = init.copy()
+
+    def get_state(self) -> list[np.ndarray]:
+        return [table[name] for table, name, _ in self._init_state]
+
+    def set_state(self, arrays: list[np.ndarray]) -> None:
+        for (table, name, _), a in zip(self._init_state, arrays):
+            table[name] = a
+
+    # -- execution ------------------------------------------------------------------------------------
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token id; return the logits (float32 [V]) and advance the state."""
+        self._token_buf.flat[0] = token
+        for plan in self.plans:
+            t = plan.table
+            for dst, src_table, src in plan.links_in:
+                t[dst] = src_table[src]
+            for fn, ins, outs, _ in plan.steps:
+                for n, v in zip(outs, fn([t[n] for n in ins])):
+                    t[n] = v
+            for i, o in plan.carry:
+                t[i] = t[o]
+        return self._logits_table[self._logits_name]
+
+    def feed(self, tokens) -> np.ndarray:
+        logits = None
+        for tok in tokens:
+            logits = self.step(int(tok))
+        return logits
+
+    def run_graph(self, name: str, feed: dict) -> dict:
+        """Run one graph's segments on `feed` (its graph inputs); return its graph outputs."""
+        plan = self.by_name[name]
+        t = dict(feed)
+        for fn, ins, outs, _ in plan.steps:
+            for n, v in zip(outs, fn([t[n] for n in ins])):
+                t[n] = v
+        return {n: t[n] for n in plan.outputs}
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- instrumentation (only in the plan when asked for) ---------------------------------------------
+    def _timed(self, fn, sid):
+        acc = self.segment_times.setdefault(sid, [0.0, 0])
+        clock = time.perf_counter
+
+        def call(arrays):
+            t0 = clock()
+            out = fn(arrays)
+            acc[0] += clock() - t0
+            acc[1] += 1
+            return out
+        return call
+
+    @staticmethod
+    def _traced(fn, seg, runner, ins, trace, record):
+        sid, backend = seg["id"], f"{seg['backend']}/{runner.name}"
+
+        def call(arrays):
+            if record is not None:
+                record(sid, {n: np.array(a, copy=True) for n, a in zip(ins, arrays)})
+            if trace is not None:
+                desc = ", ".join(f"{n}:{a.dtype}{list(a.shape)}" + (
+                    f"(|max| {float(np.abs(a).max()):.3g})" if a.size and a.dtype.kind == "f" else "")
+                    for n, a in zip(ins, arrays))
+                print(f"## SPLIT {sid} [{backend}] inputs: {desc}", file=trace, flush=True)
+            return fn(arrays)
+        return call
+
+
+# -- realistic random inputs and input tracing ----------------------------------------------------------
+
+def _gather_bound(onnx_path: Path, input_name: str) -> int | None:
+    """For an integer input used as Gather indices: the size of the gathered axis (vocab for embed)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        return None
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = inits.get(node.input[0])
+            if dims:
+                return int(dims[axis])
+    return None
+
+
+def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> dict:
+    """Realistic random graph inputs: normal activations; small positive finite values for state;
+    valid indices for integer inputs."""
+    feed = {}
+    for spec in specs:
+        dt = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        if dt.kind in "iu":
+            bound = next((b for p in onnx_paths if (b := _gather_bound(p, spec["name"]))), 1)
+            feed[spec["name"]] = rng.integers(0, bound, size=shape).astype(dt)
+        elif "state" in spec["name"].lower():
+            # aa/bb/pp rows of an RWKV state: positive keeps the WKV denominator away from zero.
+            feed[spec["name"]] = rng.uniform(0.0, 0.5, size=shape).astype(dt)
+        else:
+            feed[spec["name"]] = rng.standard_normal(shape).astype(dt)
+    return feed
+
+
+def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Run the whole chain on onnxruntime fp32 and record every segment's real input feed.
+
+    Whole-model manifests: `n_tokens` random token ids are fed from the initial state.
+    Single-graph manifests ("model": null): each graph gets `n_tokens` random realistic input sets.
+    Returns {segment id: [feed per call, in call order]} (arrays are copies).
+    """
+    manifest = as_manifest(manifest)
+    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
+    rng = np.random.default_rng(seed)
+    with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
+        if manifest.model is not None:
+            chain.feed(rng.integers(0, manifest.model["vocab_size"], size=n_tokens))
+        else:
+            for g in manifest.graphs:
+                paths = [manifest.resolve(s["onnx"]) for s in g["segments"]]
+                for _ in range(n_tokens):
+                    chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
+    return seen
+
+
+def core_mask_value(text: str) -> int:
+    if text in CORE_MASKS:
+        return CORE_MASKS[text]
+    try:
+        v = int(text, 0)
+    except ValueError:
+        v = -1
+    if v not in CORE_MASKS.values():
+        raise UserError(f"--core-mask {text!r}: choose one of {', '.join(CORE_MASKS)} or 0,1,2,3,4,7")
+    return v

@@ -1,0 +1,224 @@
+"""`rwkv2rknn build`: isolated compiles, bisection on crashes, simulator verification, cache, resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_testlib import make_manifest, run_chain_ort
+from rwkv2rknn.cli import main
+from rwkv2rknn.manifest import Manifest
+
+pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
+pytestmark = pytest.mark.rknn
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _segments(path):
+    data = json.loads(Path(path).read_text())
+    return [s for g in data["graphs"] for s in g["segments"]]
+
+
+def _npu_checked(manifest_path, threshold=0.999):
+    m = Manifest.load(manifest_path)  # validates and checks every file's sha256
+    npu = [s for _, s in m.segments() if s["backend"] == "npu"]
+    assert npu
+    for s in npu:
+        assert m.resolve(s["rknn"]).is_file(), s["id"]
+        assert s["verify"]["cosine"] >= threshold, s
+        assert s["toolkit"] and s["precision"]
+    return m
+
+
+def _split_tiny(tmp_path_factory, out: Path) -> Path:
+    from conftest import make_model
+    from rwkv2rknn.split import split_model
+
+    src = make_model(tmp_path_factory, layers=2, embd=64, vocab=256, dtype="float16")
+    split_model([src], out, policy="fused", target="rk3588", progress=False)
+    return out / "manifest.json"
+
+
+def _logits(manifest_path, tokens=(1, 50, 200, 7)):
+    from rwkv2rknn.run.chain import Chain, runner_factory
+
+    m = Manifest.load(manifest_path)
+    with Chain(m, runner_factory(m, "ort")) as chain:
+        return np.stack([chain.step(t).copy() for t in tokens])
+
+
+# -- hand-made manifests: fast ---------------------------------------------------------------------
+
+def test_build_handmade_verifies_and_second_build_compiles_nothing(tmp_path, capsys):
+    from rwkv2rknn.build import build_manifest
+
+    mpath = make_manifest(tmp_path / "out")
+    first = build_manifest(tmp_path / "out", jobs=2, progress=False)
+    assert first.compiles == 2 and first.count("built") == 2
+    m = _npu_checked(mpath)
+    assert m.data["build"] == {"target": "rk3588", "precision": "fp16", "toolkit": first.toolkit}
+    assert {s["id"]: s.get("rknn") for _, s in m.segments()} == {
+        "g.s0": None, "g.s1": "rknn/g.s1.rknn", "g.s2": "rknn/g.s2.rknn"}
+    before = mpath.read_bytes()
+
+    assert main(["build", str(tmp_path / "out"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled 0 segment(s)" in out
+    assert mpath.read_bytes() == before  # nothing changed, nothing written
+
+    # A changed segment (its onnx differs) is stale: exactly that one compiles again.
+    import onnx
+    seg = tmp_path / "out" / "segments" / "g.s2.onnx"
+    model = onnx.load(seg)
+    model.doc_string = "edited"
+    onnx.save(model, seg)
+    data = json.loads(mpath.read_text())
+    from rwkv2rknn.fsio import sha256_file
+    data["graphs"][0]["segments"][2]["sha256"] = sha256_file(seg)
+    mpath.write_text(json.dumps(data))
+    again = build_manifest(tmp_path / "out", jobs=2, progress=False)
+    assert again.compiles == 1 and again.count("cached") == 1 and again.count("built") == 1
+    _npu_checked(mpath)
+
+
+def test_inject_crash_bisects_to_cpu_and_keeps_numbers(tmp_path, monkeypatch, capsys):
+    mpath = make_manifest(tmp_path / "out")
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    before = run_chain_ort(mpath, {"x": x})["y"]
+    monkeypatch.setenv("RWKV2RKNN_INJECT_CRASH", "g.s1")
+    assert main(["build", str(tmp_path / "out"), "-q", "--jobs", "2"]) == 0
+    captured = capsys.readouterr()
+    segs = {s["id"]: s for s in _segments(mpath)}
+    # g.s1 held 4 MatMuls: bisected twice down to single-MatMul pieces, which all crash too.
+    assert [sid for sid in segs] == ["g.s0", "g.s1.a.a", "g.s1.a.b", "g.s1.b.a", "g.s1.b.b", "g.s2"]
+    for sid in ("g.s1.a.a", "g.s1.a.b", "g.s1.b.a", "g.s1.b.b"):
+        assert segs[sid]["backend"] == "cpu"
+        assert segs[sid]["fallback_reason"] == "compiler crashed: SIGSEGV"
+        assert (tmp_path / "out" / segs[sid]["onnx"]).is_file()
+        assert segs[sid]["bisected_from"] == "g.s1"
+    assert segs["g.s2"]["backend"] == "npu" and segs["g.s2"]["verify"]["cosine"] >= 0.999
+    assert "compiler crashed: SIGSEGV" in captured.out
+    Manifest.load(mpath)
+    after = run_chain_ort(mpath, {"x": x})["y"]
+    np.testing.assert_array_equal(before, after)
+    placement = json.loads(mpath.read_text())["graphs"][0]["placement"]
+    assert {r["segment"] for r in placement} == set(segs)
+
+    # The fallen-back pieces are not retried while nothing changed.
+    from rwkv2rknn.build import build_manifest
+    again = build_manifest(tmp_path / "out", progress=False)
+    assert again.compiles == 0 and again.count("fallback") == 4
+
+
+def test_hung_compile_times_out_and_falls_back(tmp_path):
+    from rwkv2rknn.build import build_manifest
+
+    mpath = make_manifest(tmp_path / "out")
+    report = build_manifest(tmp_path / "out", timeout=0.3, jobs=2, progress=False)
+    reasons = {s.get("fallback_reason") for s in _segments(mpath) if s["backend"] == "cpu"} - {None}
+    assert reasons == {"compiler timed out after 0.3 s"}
+    assert report.count("built") == 0
+    Manifest.load(mpath)
+
+
+def test_w8a8_handmade(tmp_path):
+    from rwkv2rknn.build import build_manifest
+
+    mpath = make_manifest(tmp_path / "out")
+    report = build_manifest(tmp_path / "out", precision="w8a8", jobs=2, progress=False)
+    assert report.count("built") == 2
+    m = _npu_checked(mpath, threshold=0.99)
+    assert all(s["precision"] == "w8a8" for _, s in m.segments() if s["backend"] == "npu")
+    assert m.data["build"]["precision"] == "w8a8" and m.data["build"]["calib_sha256"]
+
+
+def test_user_errors_exit_2(tmp_path, capsys, monkeypatch):
+    assert main(["build", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "run `rwkv2rknn split" in err and err.count("\n") == 1
+    make_manifest(tmp_path / "out")
+    assert main(["build", str(tmp_path / "out"), "--target", "rk9999"]) == 2
+    err = capsys.readouterr().err
+    assert "rk9999" in err and "rk3588" in err and err.count("\n") == 1
+    assert main(["build", str(tmp_path / "out"), "--calib", "x.txt"]) == 2
+    capsys.readouterr()
+    import rwkv2rknn.build as build
+    monkeypatch.setattr(build, "toolkit_version", lambda: None)
+    assert main(["build", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install rknn-toolkit2" in err and err.count("\n") == 1
+
+
+def test_sigkill_mid_build_leaves_a_valid_manifest_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    mpath = make_manifest(out)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn", "build", str(out), "-q", "--jobs", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3.5)  # the first compile is under way (or finished)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    Manifest.load(mpath)  # valid, and every file it names exists with its sha256
+    time.sleep(0.5)
+    orphans = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if str(out) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    orphans.append(p.name)
+            except OSError:
+                pass
+    assert not orphans, "compile workers outlived their build"
+    assert subprocess.run([sys.executable, "-m", "rwkv2rknn", "build", str(out), "-q"], env=env,
+                          capture_output=True).returncode == 0
+    _npu_checked(mpath)
+    assert not list((out / "rknn").glob(".*.tmp"))
+
+
+# -- a real split of a tiny exported model -------------------------------------------------------
+
+def test_build_split_model_end_to_end(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
+    reference = _logits(mpath)
+    assert main(["build", str(tmp_path / "out"), "-q", "--target", "rk3588"]) == 0
+    _npu_checked(mpath)
+    assert main(["build", str(tmp_path / "out"), "-q"]) == 0
+    assert "compiled 0 segment(s)" in capsys.readouterr().out
+
+    # A crash on one layer's NPU segment: exit 0, that work moves to the CPU, logits unchanged.
+    crashed = tmp_path / "crashed"
+    _split_tiny(tmp_path_factory, crashed)
+    npu_ids = [s["id"] for s in _segments(crashed / "manifest.json") if s["backend"] == "npu"]
+    victim = npu_ids[0]
+    monkeypatch.setenv("RWKV2RKNN_INJECT_CRASH", victim)
+    assert main(["build", str(crashed), "-q"]) == 0
+    segs = _segments(crashed / "manifest.json")
+    fallen = [s for s in segs if s.get("fallback_reason")]
+    assert fallen and all(s["id"].startswith(victim) and s["backend"] == "cpu" for s in fallen)
+    assert all(s["fallback_reason"] == "compiler crashed: SIGSEGV" for s in fallen)
+    assert victim not in {s["id"] for s in segs} or len(fallen) == 1
+    np.testing.assert_allclose(_logits(crashed / "manifest.json"), reference, rtol=0, atol=1e-5)
+
+
+def test_w8a8_split_model_with_calib_text(tmp_path, tmp_path_factory):
+    from rwkv2rknn.build import build_manifest
+
+    mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time, a small model learned to count: 1 2 3.\n")
+    report = build_manifest(tmp_path / "out", precision="w8a8", calib=str(calib), progress=False)
+    assert report.count("built") >= 1
+    _npu_checked(mpath, threshold=0.99)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3 40 50 60")
+    again = build_manifest(tmp_path / "out", precision="w8a8", calib=str(ids), progress=False)
+    assert again.compiles == report.count("built")  # a new calibration set is a new build key
