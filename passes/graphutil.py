@@ -68,7 +68,6 @@ def consumer_map(graph):
 def toposort(graph: gs.Graph) -> gs.Graph:
     """Stable iterative topological sort: ties keep the original node order (no recursion)."""
     nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
     prod = {}
     for i, n in enumerate(nodes):
         for t in n.outputs:
@@ -95,7 +94,6 @@ def toposort(graph: gs.Graph) -> gs.Graph:
     if len(order) != len(nodes):
         stuck = [nodes[i].name for i in range(len(nodes)) if indeg[i] > 0][:5]
         raise ValueError(f"graph has a cycle through nodes {stuck}")
-    del index
     graph.nodes = order
     return graph
 

@@ -6,8 +6,14 @@ import onnx_graphsurgeon as gs
 from passes.fp32 import fp16_to_fp32
 from passes.graphutil import static_shape, toposort
 from passes.matmul2d import cancel_reshapes, matmul_to_2d
-from passes.normalize import (constants_to_initializers, fix_input_shapes, infer_shapes, materialize_outputs,
-                              name_nodes, remove_identities)
+from passes.normalize import (
+    constants_to_initializers,
+    fix_input_shapes,
+    infer_shapes,
+    materialize_outputs,
+    name_nodes,
+    remove_identities,
+)
 
 
 def fold(graph: gs.Graph) -> gs.Graph:

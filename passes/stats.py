@@ -6,7 +6,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graphutil import np_dtype, static_shape
+from passes.graphutil import static_shape
 
 
 def _shape(t):
@@ -64,4 +64,4 @@ def flops_share(cut_segments, backend="npu") -> float:
     return part / total if total else 1.0
 
 
-__all__ = ["matmul_flops", "tensor_bytes", "tensor_info_bytes", "boundary_bytes", "flops_share", "np_dtype"]
+__all__ = ["boundary_bytes", "flops_share", "matmul_flops", "tensor_bytes", "tensor_info_bytes"]

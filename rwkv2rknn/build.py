@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import hashlib
 import json
@@ -18,8 +17,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from rwkv2rknn.compile_worker import PRECISIONS, save_samples, toolkit_version
 from rwkv2rknn.errors import UserError
@@ -111,6 +108,8 @@ def _matmuls(model) -> int:
 # -- inputs for verification and calibration ------------------------------------------------------
 
 def _random_samples(entry: dict, n: int, seed: int) -> list[dict]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -142,7 +141,7 @@ def _trace(manifest: Manifest, ids: list[int] | None, n_tokens: int, seed: int) 
                 chain.feed(ids)
             return seen
         return trace_segment_inputs(manifest, n_tokens=n_tokens, seed=seed)
-    except Exception as exc:  # verification still runs, on random inputs; say so
+    except Exception as exc:  # noqa: BLE001 (verification still runs, on random inputs; say so)
         _say(f"warning: tracing the chain on onnxruntime failed ({type(exc).__name__}: {exc}); "
              "using random inputs")
         return None
@@ -167,19 +166,17 @@ def _calib_tokens(manifest: Manifest, calib: str | None) -> list[int]:
     else:
         text = DEFAULT_CALIB_TEXT
     hint = model.get("tokenizer")
-    if hint == "bytes" or (hint is None and vocab == 256):
-        ids = list(text.encode("utf-8"))
-    elif hint is not None and hint not in ("neox", "world"):
-        tok_path = manifest.resolve(hint)
-        try:
-            from tokenizers import Tokenizer
+    if hint is None and vocab == 256:
+        hint = "bytes"
+    if hint is not None:
+        from rwkv2rknn.run.tokenizers import load_tokenizer
 
-            ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
-        except Exception as exc:
-            raise UserError(f"{tok_path}: cannot tokenize the calibration text ({exc}); "
-                            "pass --calib FILE with token ids") from None
+        try:
+            ids = load_tokenizer(hint, manifest.root, vocab).encode(text)
+        except UserError as exc:
+            raise UserError(f"{exc} (w8a8 calibration text); or pass --calib FILE of token ids") from None
     elif calib is not None:
-        raise UserError(f"--calib {calib}: the manifest's tokenizer ({hint}) cannot tokenize text here; "
+        raise UserError(f"--calib {calib}: {manifest.path} names no tokenizer to read text with; "
                         "give a file of whitespace-separated token ids")
     else:  # no tokenizer at hand: a fixed spread of ids over the vocabulary
         ids = [(i * 7919 + 13) % vocab for i in range(32)]
@@ -258,6 +255,8 @@ class _Builder:
         return env
 
     def _write_dataset(self, sid: str, name: str, samples: list[dict], order: list[str]) -> str:
+        import numpy as np
+
         d = self.work / f"{sid}.{name}"
         d.mkdir(parents=True, exist_ok=True)
         lines = []
@@ -296,7 +295,7 @@ class _Builder:
                 save_samples(job["verify_inputs"], task.samples)
             if self.precision == "w8a8":
                 job["dataset"] = self._write_dataset(tag, "calib", task.calib, order)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             return {"ok": False, "reason": f"could not prepare inputs: {exc}", "seconds": 0.0}
         job_path = self.work / f"{tag}.job.json"
         job_path.write_text(json.dumps(job))
@@ -383,7 +382,7 @@ class _Builder:
         entry = task.entry
         try:
             cuts = bisect_segment(self.m.resolve(entry["onnx"]))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             _say(f"warning: cannot bisect {entry['id']} ({type(exc).__name__}: {exc})")
             return None
         if not cuts:

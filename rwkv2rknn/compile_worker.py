@@ -19,7 +19,7 @@ def toolkit_version() -> str | None:
         from importlib.metadata import version
 
         return version("rknn-toolkit2")
-    except Exception:
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -102,7 +102,7 @@ def _die_with_parent(parent_pid: int | None) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, 9)
-    except Exception:  # not Linux: the orphan finishes its compile and exits
+    except Exception:  # noqa: BLE001 (not Linux: the orphan finishes its compile and exits)
         return
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(3)  # the parent died before prctl took effect
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
         result = run_job(job)
-    except Exception as exc:  # a failure return code or a toolkit exception: the parent bisects
+    except Exception as exc:  # noqa: BLE001 (a failure return code or a toolkit exception: the parent bisects)
         traceback.print_exc()
         _write_result(job["result"], {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         return 1

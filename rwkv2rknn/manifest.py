@@ -209,9 +209,17 @@ class Manifest:
                     )
 
 
+_VALIDATOR = None
+
+
 def validate(data: dict, path: str | Path = "manifest") -> None:
+    global _VALIDATOR
+    if _VALIDATOR is None:  # checking the schema itself costs more than a manifest: do it once
+        cls = jsonschema.validators.validator_for(SCHEMA)
+        cls.check_schema(SCHEMA)
+        _VALIDATOR = cls(SCHEMA)
     try:
-        jsonschema.validate(data, SCHEMA)
+        _VALIDATOR.validate(data)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise UserError(f"{path}: invalid manifest at {where}: {exc.message}; rerun `rwkv2rknn split`") from None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from build_testlib import make_manifest, run_chain_ort
+
 from rwkv2rknn.cli import main
 from rwkv2rknn.manifest import Manifest
 
@@ -41,6 +41,7 @@ def _npu_checked(manifest_path, threshold=0.999):
 
 def _split_tiny(tmp_path_factory, out: Path) -> Path:
     from conftest import make_model
+
     from rwkv2rknn.split import split_model
 
     src = make_model(tmp_path_factory, layers=2, embd=64, vocab=256, dtype="float16")
@@ -151,7 +152,7 @@ def test_user_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert "rk9999" in err and "rk3588" in err and err.count("\n") == 1
     assert main(["build", str(tmp_path / "out"), "--calib", "x.txt"]) == 2
     capsys.readouterr()
-    import rwkv2rknn.build as build
+    from rwkv2rknn import build
     monkeypatch.setattr(build, "toolkit_version", lambda: None)
     assert main(["build", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -178,7 +179,7 @@ def test_sigkill_mid_build_leaves_a_valid_manifest_and_resumes(tmp_path):
             except OSError:
                 pass
     assert not orphans, "compile workers outlived their build"
-    assert subprocess.run([sys.executable, "-m", "rwkv2rknn", "build", str(out), "-q"], env=env,
+    assert subprocess.run([sys.executable, "-m", "rwkv2rknn", "build", str(out), "-q"], check=False, env=env,
                           capture_output=True).returncode == 0
     _npu_checked(mpath)
     assert not list((out / "rknn").glob(".*.tmp"))

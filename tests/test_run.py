@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_support import whole_graph_manifest
+from rwkv_ref import RefModel, cosine
 
 from rwkv2rknn.checkpoints import random_weights
 from rwkv2rknn.run.__main__ import main as run_main
 from rwkv2rknn.run.chain import Chain, trace_segment_inputs
-from rwkv_ref import RefModel, cosine
-from run_support import whole_graph_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -307,7 +307,7 @@ def test_chat_in_tmux(split, tmp_path):
 
     sock = f"rwkv2rknn-test-{os.getpid()}"
     session = "chat"
-    cmd = f"cd {ROOT} && {PY} -m rwkv2rknn.run {split} --chat --max-tokens 4 --seed 1 -q; echo EXITED=$?"
+    cmd = f"cd {ROOT} && {PY} -m rwkv2rknn.run {split} --chat --max-tokens 4 --temperature 0 -q; echo EXITED=$?; sleep 60"
     tmux = ["tmux", "-L", sock]
     subprocess.run(tmux + ["new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
     try:

@@ -81,11 +81,8 @@ def _open_chain(args, manifest, timed=False):
 def _save_logits(path: str, logits: np.ndarray) -> None:
     from rwkv2rknn.fsio import atomic_path
 
-    if not path.endswith(".npy"):
-        raise UserError(f"--dump-logits {path}: give a file name ending in .npy")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(logits, dtype=np.float32))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(logits, dtype=np.float32))
 
 
 def _write(text: str) -> None:
@@ -262,6 +259,8 @@ def _run(args) -> int:
         raise UserError("--max-tokens must be >= 0")
     if args.temperature < 0 or not 0 <= args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p within [0, 1]")
+    if args.dump_logits and not args.dump_logits.endswith(".npy"):
+        raise UserError(f"--dump-logits {args.dump_logits}: give a file name ending in .npy")
     if args.json and not args.bench:
         raise UserError("--json goes with --bench")
     model = manifest.model

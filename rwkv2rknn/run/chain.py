@@ -17,8 +17,14 @@ import numpy as np
 
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.manifest import Manifest
-from rwkv2rknn.run.runners import (CORE_MASKS, OrtRunner, RknnLiteRunner, RknnSimRunner, Runner,
-                                   rknnlite_available)
+from rwkv2rknn.run.runners import (
+    CORE_MASKS,
+    OrtRunner,
+    RknnLiteRunner,
+    RknnSimRunner,
+    Runner,
+    rknnlite_available,
+)
 
 BACKENDS = ("ort", "rknn-sim", "rknn-lite", "auto")
 
@@ -75,7 +81,7 @@ def _shape_fixer(fn, shapes):
 
 
 class _GraphPlan:
-    __slots__ = ("name", "table", "links_in", "raw", "steps", "carry", "outputs")
+    __slots__ = ("carry", "links_in", "name", "outputs", "raw", "steps", "table")
 
     def __init__(self, name):
         self.name = name
@@ -110,7 +116,9 @@ class Chain:
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(pairs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False)
+            # disable=None: no bar when stderr is not a terminal (pipes, logs, tests)
+            bar = tqdm(total=len(pairs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False,
+                       disable=None)
         for g in self.manifest.graphs:
             plan = _GraphPlan(g["name"])
             plan.outputs = [t["name"] for t in g["outputs"]]

@@ -72,7 +72,7 @@ class Runner:
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
-    def activate(self) -> "Runner":
+    def activate(self) -> Runner:
         if not self.is_active:
             self._activate()
             self.is_active = True

@@ -27,7 +27,7 @@ class WorldTokenizer:
 
     def __init__(self):
         try:
-            import rwkv  # noqa: F401  (the package __init__ is empty: torch stays unloaded)
+            import rwkv
             from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
         except ImportError:
             raise UserError("--tokenizer world needs the `rwkv` package (pip install rwkv), which ships "

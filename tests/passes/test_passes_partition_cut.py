@@ -86,7 +86,7 @@ def _handmade():
     """Pitfalls: input passed straight out, one value as two outputs, an output also used later."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")
-    vi = lambda n, s=(2, 4): helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))  # noqa: E731
+    vi = lambda n, s=(2, 4): helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
     nodes = [
         helper.make_node("Identity", ["x"], ["x_out"]),          # graph input straight to an output
         helper.make_node("MatMul", ["x", "w"], ["h"]),
@@ -226,7 +226,7 @@ def random_dags(draw):
         nodes.append(helper.make_node("Identity", [pool[-1]], ["dup_a"]))
         nodes.append(helper.make_node("Identity", [pool[-1]], ["dup_b"]))
         outs += ["dup_a", "dup_b"]
-    vi = lambda n: helper.make_tensor_value_info(n, ft, [2, C])  # noqa: E731
+    vi = lambda n: helper.make_tensor_value_info(n, ft, [2, C])
     graph = helper.make_graph(nodes, "rand",
                               [vi("x"), vi("y"), helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
                               [vi(o) for o in outs], initializer=inits)

@@ -2,7 +2,6 @@
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 from passes_testlib import mixing_feeds, rel_err, run_model, run_segments, rwkv_mixing_model
 
@@ -41,14 +40,15 @@ def test_ten_thousand_nodes():
     feeds = {"x": np.linspace(-1, 1, 16).astype(np.float32)}
     ref = run_model(gs.export_onnx(g), feeds)
     for policy in POLICIES:
-        cuts = extract_segments(g, propose_segments(g, pl, policy, min_npu_flops=1))
-        if policy != "matmul":  # running ~400 tiny sessions adds nothing the small tests don't cover
+        segs = propose_segments(g, pl, policy, min_npu_flops=1)
+        cuts = extract_segments(g, segs)
+        assert sum(c.nodes for c in cuts) == len(g.nodes)
+        if len(cuts) < 10:  # running hundreds of tiny sessions adds nothing the small tests don't cover
             out = run_segments(cuts, feeds)
             for k in ref:
                 assert rel_err(out[k], ref[k]) <= 1e-5
 
 
-@pytest.mark.slow
 def test_430m_shape_mixing_graph():
     c = 1024
     g = normalize(gs.import_onnx(rwkv_mixing_model(c, fp16=True, weights_as="constant")))
