@@ -105,15 +105,43 @@ def fix_input_shapes(graph: gs.Graph, shapes: dict | None = None) -> gs.Graph:
     return graph
 
 
+# Constants larger than this go into shape inference as typed inputs, not as data: inference only
+# needs their shapes, and serializing a layer's weights twice per graph dominated normalize time.
+_INFER_DATA_LIMIT = 64
+
+
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
-    """Run ONNX shape inference (with data propagation) and return the re-imported graph."""
+    """Run ONNX shape inference (with data propagation) on a weight-free copy; write the results back."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
     inputs = {id(t) for t in graph.inputs}
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and id(t) not in inputs:
             t.shape = None  # stale shapes (fp16 era, symbolic) must not conflict with fresh ones
-    for t in graph.outputs:
-        if isinstance(t, gs.Variable):
-            t.shape = None
-    model = gs.export_onnx(graph, do_type_check=False)
-    model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    return gs.import_onnx(model)
+    onnx_inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    initializers = []
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            if t.values.size <= _INFER_DATA_LIMIT or t.values.dtype.kind in "iub":
+                initializers.append(OnnxExporter.export_tensor_proto(t))
+            else:
+                onnx_inputs.append(onnx.helper.make_tensor_value_info(
+                    t.name, onnx.helper.np_dtype_to_tensor_dtype(t.values.dtype), list(t.values.shape)))
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [OnnxExporter.export_node(n) for n in graph.nodes], graph.name or "graph", onnx_inputs,
+            [onnx.helper.make_tensor_value_info(t.name, 0, None) for t in graph.outputs],
+            initializer=initializers),
+        opset_imports=[onnx.helper.make_opsetid("", graph.opset)], ir_version=graph.ir_version or 8)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    tensors = graph.tensors()
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = tensors.get(vi.name)
+        tt = vi.type.tensor_type
+        if not isinstance(t, gs.Variable) or id(t) in inputs or not vi.type.HasField("tensor_type"):
+            continue
+        if tt.elem_type:
+            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.HasField("shape"):
+            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return graph
