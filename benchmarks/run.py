@@ -1,0 +1,131 @@
+"""`make bench`: every benchmark in one run, then a chart and the README's benchmark table.
+
+Each benchmark runs in its own process (thread pools of torch and onnxruntime must not meet) and writes
+benchmarks/results/<name>.json; this script draws benchmarks/results/summary.png and rewrites the
+README section between the bench markers from those files, so the README always shows this run.
+
+    .venv/bin/python -m benchmarks.run [--only partition,runtime,build] [--no-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHES = ("partition", "runtime", "build")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def tables() -> str:
+    lines = ["Measured by `make bench` on this project's CI-class machine (2 cores, no NPU); "
+             "raw numbers in `benchmarks/results/`.", ""]
+    part = _load("partition")
+    if part:
+        lines += ["**Partition per policy** (generated fp16 models; per token)", "",
+                  "| shape | policy | NPU calls | vs matmul | NPU<->CPU KB | MatMul FLOPs on NPU | split s |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for shape, rows in part.items():
+            for r in rows:
+                lines.append(f"| {shape} | {r['policy']} | {r['npu_calls_per_token']} | {r['calls_vs_matmul']:.2f}x | "
+                             f"{r['crossing_bytes_per_token'] / 1024:.0f} | {100 * r['npu_matmul_flop_share']:.1f}% | "
+                             f"{r['split_seconds']:.1f} |")
+        lines.append("")
+    rt = _load("runtime")
+    if rt:
+        res = rt["results"]
+        shape = rt["shape"]
+        lines += [f"**Decode, onnxruntime on the host** ({shape['layers']}x{shape['embd']}, vocab {shape['vocab']}, "
+                  f"fp32, {rt.get('decode_tokens', '?')} greedy tokens)", "",
+                  "| runner | ms/token | vs rwkv2rknn |", "|---|---:|---:|"]
+        base = res["rwkv2rknn"]["ms_per_token"]
+        for name, r in res.items():
+            if isinstance(r, dict) and "ms_per_token" in r:
+                lines.append(f"| {name} | {r['ms_per_token']:.1f} | {r['ms_per_token'] / base:.2f}x |")
+        lines.append("")
+    b = _load("build")
+    if b:
+        s = b["shape"]
+        lines += [f"**Build** ({s['layers']}x{s['embd']}, {b['npu_segments']} NPU segments, --jobs {b['jobs']}, "
+                  f"simulator verify on): cold {b['cold_seconds']:.1f} s, warm (nothing changed) "
+                  f"{b['warm_seconds']:.2f} s = {100 * b['warm_vs_cold']:.1f}% of cold.", ""]
+    return "\n".join(lines)
+
+
+def chart(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part, rt, b = _load("partition"), _load("runtime"), _load("build")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if part:
+        ax = axes[0]
+        shapes = list(part)
+        width = 0.8 / max(1, len(shapes))
+        for i, shape in enumerate(shapes):
+            rows = part[shape]
+            ax.bar([j + i * width for j in range(len(rows))], [r["npu_calls_per_token"] for r in rows], width,
+                   label=shape)
+            ax.set_xticks([j + width * (len(shapes) - 1) / 2 for j in range(len(rows))],
+                          [r["policy"] for r in rows])
+        ax.set_title("NPU calls per token (fewer is better)")
+        ax.legend()
+    if rt:
+        ax = axes[1]
+        items = [(k, v["ms_per_token"]) for k, v in rt["results"].items() if isinstance(v, dict) and "ms_per_token" in v]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#2e7d32")
+        ax.set_xscale("log")
+        ax.set_title("decode ms/token on the host (log)")
+    if b:
+        ax = axes[2]
+        ax.bar(["cold", "warm"], [b["cold_seconds"], b["warm_seconds"]], color=["#1565c0", "#90caf9"])
+        ax.set_title(f"build seconds ({b['npu_segments']} NPU segments)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def update_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if START in s and END in s:
+        head, rest = s.split(START, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args(argv)
+    failed = []
+    for name in args.only.split(","):
+        print(f"== benchmarks.{name}", flush=True)
+        if subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=ROOT).returncode != 0:
+            failed.append(name)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    chart(RESULTS / "summary.png")
+    text = tables()
+    print(text)
+    if not args.no_readme:
+        update_readme(text)
+    print(f"wrote {(RESULTS / 'summary.png').relative_to(ROOT)}" + ("" if args.no_readme else " and README.md"))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
