@@ -105,3 +105,10 @@ def replace_uses(graph, old, new, consumers=None):
         for k, t in enumerate(node.inputs):
             if t is old:
                 node.inputs[k] = new
+
+
+def bypass(node: gs.Node, src: gs.Tensor) -> None:
+    """Make every consumer of `node`'s first output read `src` instead, and detach `node`."""
+    replace_uses(None, node.outputs[0], src)
+    node.inputs.clear()
+    node.outputs.clear()

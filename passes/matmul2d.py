@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graphutil import static_shape
+from passes.graphutil import bypass, static_shape
 
 
 def _shape_const(name, dims):
@@ -88,12 +88,7 @@ def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
         in_shape = list(src.values.shape) if isinstance(src, gs.Constant) else static_shape(src)
         out_shape = static_shape(out)
         if in_shape is not None and in_shape == out_shape and id(out) not in outputs:
-            for user in list(out.outputs):
-                for k, t in enumerate(user.inputs):
-                    if t is out:
-                        user.inputs[k] = src
-            node.inputs.clear()
-            node.outputs.clear()
+            bypass(node, src)
             continue
         keep.append(node)
     graph.nodes = keep

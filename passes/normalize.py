@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.graphutil import static_shape
+from passes.graphutil import bypass, static_shape
 
 
 def name_nodes(graph: gs.Graph) -> gs.Graph:
@@ -61,13 +61,7 @@ def remove_identities(graph: gs.Graph) -> gs.Graph:
     keep = []
     for node in graph.nodes:
         if node.op == "Identity" and id(node.outputs[0]) not in outputs:
-            src, dst = node.inputs[0], node.outputs[0]
-            for user in list(dst.outputs):
-                for k, t in enumerate(user.inputs):
-                    if t is dst:
-                        user.inputs[k] = src
-            node.inputs.clear()
-            node.outputs.clear()
+            bypass(node, node.inputs[0])
             continue
         keep.append(node)
     graph.nodes = keep
