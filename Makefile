@@ -7,9 +7,27 @@ TORCH := torch==2.13.0
 RKNN := rknn-toolkit2==2.5.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup test test-fast demo bench lint clean
+# Tools some tests drive (command:Debian package): headless chromium renders the report, tmux drives --chat.
+SYSTEM_TOOLS := chromium:chromium tmux:tmux
 
-setup: $(VENV)/.setup-done
+.PHONY: setup system-tools test test-fast demo bench lint clean
+
+setup: $(VENV)/.setup-done system-tools
+
+# Installs the missing SYSTEM_TOOLS with apt-get when we are root or sudo works without a password;
+# otherwise says so in one line and carries on (their tests skip). Costs two `command -v` when done.
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v "$${t%%:*}" >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "note:$$missing not installed (needs apt-get as root); the tests that use them will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "note:$$missing not installed (no apt-get here); the tests that use them will skip"; exit 0; fi; \
+	echo "installing$$missing with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true; \
+	for p in $$missing; do \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$p" >/dev/null 2>&1 \
+	    || echo "note: apt-get could not install $$p; the tests that use it will skip"; \
+	done
 
 $(VENV)/.setup-done: pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

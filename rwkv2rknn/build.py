@@ -518,6 +518,9 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         if not f.exists():
             raise UserError(f"{path}: segment {seg['id']} names {seg['onnx']}, which is missing; "
                             "run `rwkv2rknn split` again")
+        if "sha256" in seg and sha256_file(f) != seg["sha256"]:  # never compile something else
+            raise UserError(f"{f}: sha256 differs from {path.name} (file altered or partly copied); "
+                            "copy it again, or run `rwkv2rknn split` again")
     toolkit = check_toolkit()
     if m.target != target:
         _say(f"warning: the manifest was split for {m.target}; building for {target}")

@@ -5,3 +5,18 @@ class UserError(Exception):
     """An error the user can fix. The message names the file and what to do."""
 
     exit_status = 2
+
+
+def describe_unexpected(exc: BaseException) -> tuple[str, int]:
+    """One line and an exit status for an exception that is not a UserError.
+
+    OSError (permission denied, disk full, a file vanishing) is the user's environment: status 2,
+    naming the file. Anything else is a bug in rwkv2rknn: status 1 and a request to report it; set
+    RWKV2RKNN_DEBUG=1 to get the traceback instead.
+    """
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "file system"
+        return f"{where}: {exc.strerror or exc}; check the path, its permissions and the free space", 2
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"internal error ({type(exc).__name__}: {first}); please report it with the command line; "
+            "RWKV2RKNN_DEBUG=1 shows the traceback"), 1

@@ -210,7 +210,7 @@ def export_model(weights: Weights, out_dir: str | os.PathLike, dtype: str = "flo
     names = ["embed"] + [f"mixing_{i}" for i in range(weights.n_layer)] + ["head"]
     with staged_directory(out_dir, force=force) as stage:
         for name in tqdm(names, desc=f"export {out_dir}", unit="file", file=sys.stderr,
-                         disable=not progress):
+                         disable=None if progress else True):  # None: only on a terminal
             if name == "embed":
                 model = build_embed(weights.embed(), dtype, weights_as)
             elif name == "head":

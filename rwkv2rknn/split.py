@@ -67,8 +67,26 @@ def _io_specs(tensors) -> list[dict]:
     return [tensor_spec(t.name, np.dtype(t.dtype).name, t.shape) for t in tensors]
 
 
+def _check_shapes(src: SourceGraph, graph: gs.Graph, shapes: dict) -> None:
+    """--shape may fix a symbolic dimension, never change a static one; every symbolic input needs it."""
+    for inp in graph.inputs:
+        have = list(inp.shape) if inp.shape is not None else None
+        want = shapes.get(inp.name)
+        if want is None:
+            if have is None or not all(isinstance(d, int) and d >= 0 for d in have):
+                dims = ",".join(f"D{i}" for i in range(len(have or [0])))
+                raise UserError(f"{src.path}: input {inp.name!r} has dynamic shape {have}; "
+                                f"fix it with --shape {inp.name}={dims}")
+            continue
+        if have is not None and (len(want) != len(have) or any(
+                isinstance(h, int) and h >= 0 and h != w for h, w in zip(have, want))):
+            raise UserError(f"--shape {inp.name}={','.join(map(str, want))}: {src.path} declares {inp.name} "
+                            f"as {have}; give a shape of that rank that keeps its fixed dimensions")
+
+
 def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
     graph = gs.import_onnx(src.model)
+    _check_shapes(src, graph, shapes)
     try:
         return normalize(graph, shapes)
     except ValueError as exc:
@@ -80,7 +98,11 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
     graph = _normalized(src, shapes)
     placement = place(graph, target=target, npu_all=npu_all)
     segments = propose_segments(graph, placement, policy=policy)
-    cuts = extract_segments(graph, segments)
+    try:
+        cuts = extract_segments(graph, segments)
+    except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
+        raise UserError(f"{src.path}: cannot cut this graph ({exc}); check the file, or fix input sizes "
+                        "with --shape NAME=D0,D1,...") from None
     report = GraphReport(src.name)
     seg_entries = []
     for i, (seg, cut) in enumerate(zip(segments, cuts)):
@@ -134,6 +156,16 @@ def _tokenizer_hint(model: RwkvModel) -> str | None:
     return None
 
 
+def _check_tokenizer(model: RwkvModel) -> None:
+    """A tokenizer.json beside the graphs is copied into the output: it must fit the model's vocab."""
+    from rwkv2rknn.run.tokenizers import JsonTokenizer
+
+    tok = JsonTokenizer(model.tokenizer_file)
+    if tok.vocab_size > model.vocab_size:
+        raise UserError(f"{model.tokenizer_file}: {tok.vocab_size} tokens, but head.onnx has {model.vocab_size} "
+                        "logits; put the tokenizer the model was trained with beside the graphs")
+
+
 def _model_loop(model: RwkvModel, policy: str, npu_all: bool) -> dict:
     names = [g.name for g in model.graphs]
     links = [{"from": {"graph": a, "name": "output"}, "to": {"graph": b, "name": "input"}}
@@ -163,8 +195,12 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     shapes = shapes or {}
     sources, model = load_sources(paths)
+    if model is not None and model.tokenizer_file is not None:
+        _check_tokenizer(model)
     out_dir = Path(out_dir)
-    bar = tqdm(sources, desc="split", unit="graph", disable=not progress, file=sys.stderr, leave=False)
+    # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
+    bar = tqdm(sources, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
+               leave=False)
     entries, reports = [], []
 
     def run(stage: Path | None):
@@ -179,6 +215,9 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             src.release()  # let the source weights go before the next graph loads its own
             entries.append(entry)
             reports.append(report)
+        unused = sorted(set(shapes) - {t["name"] for e in entries for t in e["inputs"]})
+        if unused:  # a typo in --shape must not pass silently
+            raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     data = None
     if preview:

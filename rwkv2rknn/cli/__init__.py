@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rwkv2rknn import __version__
-from rwkv2rknn.errors import UserError
+from rwkv2rknn.errors import UserError, describe_unexpected
 from rwkv2rknn.manifest import DEFAULT_OUT  # noqa: F401  (re-exported: split writes it, build reads it)
 
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`,
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rwkv2rknn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user unless asked for
+        if os.environ.get("RWKV2RKNN_DEBUG"):
+            raise
+        msg, status = describe_unexpected(exc)
+        print(f"rwkv2rknn {args.command}: error: {msg}", file=sys.stderr)
+        return status
     return int(status or 0)
 
 

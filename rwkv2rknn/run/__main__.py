@@ -249,6 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user unless asked for
+        import os
+
+        from rwkv2rknn.errors import describe_unexpected
+
+        if os.environ.get("RWKV2RKNN_DEBUG"):
+            raise
+        msg, status = describe_unexpected(exc)
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return status
 
 
 def _run(args) -> int:
