@@ -88,6 +88,8 @@ def propose_segments(graph: gs.Graph, placement: dict, policy: str = "fused",
         return []
     if policy == "layer":
         order = [nodes[i] for _, run in _sweep(nodes, ["npu"] * len(nodes)) for i in run]
+        if not _mmcount(order):
+            return [Segment("cpu", order, "layer policy: no MatMul in the graph, nothing worth an NPU call")]
         return [Segment("npu", order, "layer policy: whole graph is one NPU model (RKNN places ops itself)")]
     if policy == "matmul":
         backend_of = ["npu" if n.op == "MatMul" and placement[n.name].backend == "npu" else "cpu" for n in nodes]
