@@ -35,7 +35,8 @@ CPU_OPS = {
 }
 MAX_NPU_RANK = 4
 # rknn-toolkit2 targets sharing one operator table (RKNPU2 generation).
-TARGETS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562", "rv1103", "rv1106")
+# rknn-toolkit2 2.5.0's target platforms; one support table serves them all until one is measured to differ.
+TARGETS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562", "rv1103", "rv1106", "rv1103b", "rv1106b", "rk2118")
 _TABLES = {t: (NPU_OPS, CPU_OPS) for t in TARGETS}
 
 PRECISION_SEEDS = ("Exp", "Log", "Max")

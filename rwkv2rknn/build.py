@@ -18,14 +18,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from passes.placement import TARGETS
 from rwkv2rknn.compile_worker import PRECISIONS, save_samples, toolkit_version
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME, Manifest
 
-# rknn-toolkit2 2.5.0's target_platform values.
-RKNN_TARGETS = ("rk3588", "rk3576", "rk3566", "rk3568", "rk3562", "rv1103", "rv1106", "rv1103b", "rv1106b",
-                "rk2118")
+RKNN_TARGETS = TARGETS  # rknn-toolkit2 2.5.0's target_platform values: one list for split and build
 # Below these, a segment's simulator output is reported as a warning naming it.
 WARN_COSINE = {"fp16": 0.999, "w8a8": 0.99}
 DEFAULT_TIMEOUT = 600.0
