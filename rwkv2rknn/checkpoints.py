@@ -214,7 +214,10 @@ def load_pth(path: str | os.PathLike) -> Weights:
             sd = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
             break
         except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            # torch appends advice to load with weights_only=False: wrong for a damaged file, unsafe anyway
+            first = first.split(". ")[0][:160]
+            errors.append(f"{type(exc).__name__}: {first}")
     if sd is None:
         raise UserError(f"{path}: cannot read as a torch checkpoint ({errors[-1]}); "
                         "the file is damaged, truncated or not a .pth state dict")

@@ -130,6 +130,8 @@ def staged_directory(final: str | os.PathLike, force: bool = False, what: str = 
     from rwkv2rknn.errors import UserError
 
     final = Path(final)
+    if final.name in ("", ".", ".."):  # a directory cannot be swapped while it is the working directory
+        raise UserError(f"{final}: the output must be a directory of its own, e.g. -o out/")
     recover_directory(final)
     if final.exists() and not final.is_dir():
         raise UserError(f"{final}: exists and is not a directory; choose another -o")
@@ -138,6 +140,9 @@ def staged_directory(final: str | os.PathLike, force: bool = False, what: str = 
             f"{final}: {what} already holds files rwkv2rknn did not write; "
             "choose an empty or new directory, or pass --force to replace it"
         )
+    for p in final.parents:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{p}: is a file, not a directory; choose another -o")
     made = [p for p in reversed(final.parents) if not p.exists()]  # parents this run creates
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))

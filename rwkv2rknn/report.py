@@ -165,8 +165,9 @@ def _svg(graph: dict, lanes: list[_Lane], reasons: dict[str, str]) -> str:
     # Lanes: a tinted band per segment with its id, backend, size and verify result.
     for lane, ly, lh in zip(lanes, lane_y, lane_h):
         seg, kind = lane.seg, lane.kind
-        parts.append(f'<rect x="2" y="{ly}" width="{width - 4}" height="{lh}" rx="6" fill="{LANE_FILL[kind]}" '
-                     f'stroke="{COLORS[kind]}" stroke-width="1.5"/>')
+        tip = "; ".join(x for x in (seg.get("fallback_reason"), lane.missing) if x) or seg["id"]
+        parts.append(f'<g><title>{esc(tip)}</title><rect x="2" y="{ly}" width="{width - 4}" height="{lh}" rx="6" '
+                     f'fill="{LANE_FILL[kind]}" stroke="{COLORS[kind]}" stroke-width="1.5"/></g>')
         parts.append(f'<rect x="2" y="{ly}" width="6" height="{lh}" rx="3" fill="{COLORS[kind]}"/>')
         v = seg.get("verify")
         lines = [(f"{seg['id']}", "bold", 12, "#111"),
@@ -179,7 +180,7 @@ def _svg(graph: dict, lanes: list[_Lane], reasons: dict[str, str]) -> str:
         if seg.get("fallback_reason"):
             lines.append((f"fallback: {seg['fallback_reason'][:26]}…", "normal", 10, COLORS["fallback"]))
         if lane.missing:
-            lines.append((lane.missing[:34], "normal", 10, COLORS["fallback"]))
+            lines.append(("segment file unreadable", "normal", 10, COLORS["fallback"]))
         ty = ly + 17
         for text, weight, size, color in lines:
             parts.append(f'<text x="14" y="{ty}" font-size="{size}" font-weight="{weight}" fill="{color}">'

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from passes.cut import extract_segments
-from passes.partition import propose_segments
+from passes.partition import DEFAULT_MIN_NPU_FLOPS, propose_segments
 from passes.pipeline import normalize
 from passes.placement import TARGETS, place
 from rwkv2rknn import __version__
@@ -109,7 +109,7 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
         sid = f"{src.name}.s{i}"
         for node in seg.nodes:
             decided = placement[node.name]
-            reason = decided.reason if decided.backend == seg.backend else seg.reason
+            reason = decided.reason if decided.backend == seg.backend else _moved_reason(node, seg, policy)
             report.placement.append({"node": node.name, "op": node.op, "segment": sid,
                                      "backend": seg.backend, "reason": reason})
         report.matmul_flops += cut.matmul_flops
@@ -134,6 +134,16 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
              "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
              "segments": seg_entries, "placement": report.placement}
     return entry, report
+
+
+def _moved_reason(node, seg, policy: str) -> str:
+    """Why a node runs elsewhere than its placement said (a segment's reason names other nodes)."""
+    if seg.backend == "cpu" and policy == "fused":
+        return (f"{node.op}: NPU-capable, but its NPU run had under {DEFAULT_MIN_NPU_FLOPS:,} MatMul FLOPs, "
+                "too few to pay for an NPU call; runs on the CPU")
+    if seg.backend == "cpu" and policy == "matmul":
+        return f"{node.op}: NPU-capable, but the matmul policy sends only MatMuls to the NPU"
+    return f"{node.op}: {seg.reason}"
 
 
 def _source_float_dtype(model: onnx.ModelProto) -> str:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rwkv2rknn {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user unless asked for
+    except Exception as exc:  # no traceback reaches a user unless asked for
         if os.environ.get("RWKV2RKNN_DEBUG"):
             raise
         msg, status = describe_unexpected(exc)

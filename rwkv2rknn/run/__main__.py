@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user unless asked for
+    except Exception as exc:  # no traceback reaches a user unless asked for
         import os
 
         from rwkv2rknn.errors import describe_unexpected
