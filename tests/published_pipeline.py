@@ -131,7 +131,6 @@ def export_published(module, args: tuple, input_names: list[str], output_names: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "some values were clamped to the fp16 range"
         model = float16.convert_float_to_float16(model, keep_io_types=keep_io_types)
-    model.ir_version = 8  # the published files are IR 8 (what torch + onnx of their time wrote)
     onnx.checker.check_model(model)
     return model
 

@@ -12,20 +12,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from published_pipeline import DOC_MIXING_OPS, WEIGHTS_AS, make_published_model, op_count_diff
+from rwkv_ref import RefModel, cosine, run_chain
+from test_split import _assert_chain_matches_sources
 
-pytest.importorskip("torch")
-pytest.importorskip("onnxsim")
-pytest.importorskip("onnxconverter_common")
+from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.cli import main as cli_main
+from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.run.chain import Chain
+from rwkv2rknn.split import split_model
 
-from published_pipeline import DOC_MIXING_OPS, WEIGHTS_AS, make_published_model, op_count_diff  # noqa: E402
-from rwkv_ref import RefModel, cosine  # noqa: E402
-from test_split import _assert_chain_matches_sources  # noqa: E402
-
-from rwkv2rknn.checkpoints import random_weights  # noqa: E402
-from rwkv2rknn.cli import main as cli_main  # noqa: E402
-from rwkv2rknn.manifest import Manifest  # noqa: E402
-from rwkv2rknn.run.chain import Chain  # noqa: E402
-from rwkv2rknn.split import split_model  # noqa: E402
+# the published tool chain: dev extras (published_pipeline imports them lazily)
+for _mod in ("torch", "onnxsim", "onnxconverter_common"):
+    pytest.importorskip(_mod)
 
 LAYERS, VOCAB = 2, 256
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 0]  # 16 byte tokens
@@ -80,7 +79,7 @@ def test_fp32_io_variant_splits_too(published, tmp_path):
     d = published(64, "parameters", keep_io_types=True)
     m = onnx.load(str(d / "mixing_0.onnx"))
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    data, _ = split_model([d], tmp_path / "out", progress=False)
+    split_model([d], tmp_path / "out", progress=False)
     _assert_chain_matches_sources(tmp_path / "out")
 
 
@@ -92,6 +91,15 @@ def test_fused_split_of_published_graphs_keeps_matmuls_on_npu(published, tmp_pat
     for r in mixing:
         assert r.npu_segments <= 2 and r.cpu_segments <= 3, (r.name, r.npu_segments, r.cpu_segments)
         assert r.npu_share >= 0.99, (r.name, r.npu_share)
+
+
+@pytest.mark.parametrize("weights_as", WEIGHTS_AS)
+def test_published_files_themselves_match_reference(published, weights_as):
+    """The helper's graphs are RWKV-4: run as published (fp16, ORT_ENABLE_BASIC; the default level
+    refuses them), they agree with the numpy reference. Guards the helper, not the splitter."""
+    got = run_chain(published(64, weights_as), TOKENS)
+    ref = RefModel(random_weights(LAYERS, 64, VOCAB, seed=0)).run(TOKENS)
+    assert min(cosine(g, r) for g, r in zip(got, ref)) >= 0.999
 
 
 @pytest.mark.parametrize("policy", ["fused", "matmul", "layer"])
@@ -110,3 +118,23 @@ def test_whole_model_chain_matches_reference(published, tmp_path, weights_as, po
     assert worst >= 0.999, worst
     # the fp32 recurrence must also reach the reference's next-token choice on every step
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.rknn
+def test_published_graphs_build_and_run_in_the_simulator(published, tmp_path):
+    """The torch-named boundary tensors (/Add_13_output_0, ...) go through rknn-toolkit2 unchanged."""
+    pytest.importorskip("rknn.api")
+    from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.run.chain import runner_factory
+
+    out = tmp_path / "out"
+    split_model([published(128, "tensors")], out, policy="fused", progress=False)
+    build_manifest(out, jobs=2, progress=False)
+    manifest = Manifest.load(out / "manifest.json")
+    npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
+    assert len(npu) >= LAYERS and all("rknn" in s and not s.get("fallback_reason") for s in npu)
+    assert all(s["verify"]["cosine"] >= 0.999 for s in npu), [s["verify"] for s in npu]
+    ref = RefModel(random_weights(LAYERS, 128, VOCAB, seed=0)).run(TOKENS[:8])
+    with Chain(manifest, runner_factory(manifest, "rknn-sim")) as chain:
+        got = np.stack([chain.step(t).copy() for t in TOKENS[:8]])
+    assert min(cosine(g, r) for g, r in zip(got, ref)) >= 0.999
