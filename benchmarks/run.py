@@ -51,7 +51,12 @@ def tables() -> str:
         for name, r in res.items():
             if isinstance(r, dict) and "ms_per_token" in r:
                 lines.append(f"| {name} | {r['ms_per_token']:.1f} | {r['ms_per_token'] / base:.2f}x |")
-        lines.append("")
+        lines += ["", "rwkv2rknn = `python -m rwkv2rknn.run --backend ort` machinery over the split segments; "
+                  "ideal = the exported fp32 source graphs, one tuned onnxruntime session each (their "
+                  "weight-first 1-D MatMuls hit a slow onnxruntime path); ideal_normalized = the same graphs "
+                  "after `passes.pipeline.normalize`, one tuned session each (the no-overhead baseline); "
+                  "naive = the source graphs with default SessionOptions (spinning thread pools); "
+                  "rwkv_pip = the `rwkv` package, strategy `cpu fp32`, same weights.", ""]
     b = _load("build")
     if b:
         s = b["shape"]
@@ -84,9 +89,15 @@ def chart(path: Path) -> None:
     if rt:
         ax = axes[1]
         items = [(k, v["ms_per_token"]) for k, v in rt["results"].items() if isinstance(v, dict) and "ms_per_token" in v]
+        from matplotlib.ticker import NullFormatter
+
         ax.barh([k for k, _ in items], [v for _, v in items], color="#2e7d32")
         ax.set_xscale("log")
-        ax.set_title("decode ms/token on the host (log)")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        for i, (_, v) in enumerate(items):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=9)
+        ax.set_xlim(right=max(v for _, v in items) * 3)
+        ax.set_title("decode ms/token on the host (log; shorter is better)")
     if b:
         ax = axes[2]
         ax.bar(["cold", "warm"], [b["cold_seconds"], b["warm_seconds"]], color=["#1565c0", "#90caf9"])
@@ -109,9 +120,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(BENCHES))
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="redraw chart and README from existing results")
     args = ap.parse_args(argv)
     failed = []
-    for name in args.only.split(","):
+    for name in [] if args.report_only else args.only.split(","):
         print(f"== benchmarks.{name}", flush=True)
         if subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=ROOT).returncode != 0:
             failed.append(name)
