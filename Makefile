@@ -55,7 +55,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.run
 
 lint: setup
-	$(BIN)/ruff check rwkv2rknn passes tests benchmarks
+	$(BIN)/ruff check rwkv2rknn passes tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-out

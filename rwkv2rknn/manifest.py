@@ -167,7 +167,7 @@ class Manifest:
         write_json_atomic(self.path, self.data)
 
     @classmethod
-    def load(cls, path: str | Path, check_files: bool = True) -> "Manifest":
+    def load(cls, path: str | Path, check_files: bool = True) -> Manifest:
         """Load and validate; refuse newer formats, missing files and files whose sha256 changed."""
         path = Path(path)
         if path.is_dir():

@@ -138,7 +138,7 @@ def _svg(graph: dict, lanes: list[_Lane], reasons: dict[str, str]) -> str:
     max_cols = min(WRAP_COLS, max((c + 1 for lay in layouts for c, _ in lay.values()), default=1))
     width = LABEL_W + 12 + max_cols * (BOX_W + GAP_X) + 10
     xy, lane_y, lane_h, y = {}, [], [], 8
-    for lane, lay in zip(lanes, layouts):
+    for lay in layouts:
         # Columns past WRAP_COLS continue on a band below (band = column // WRAP_COLS).
         band_rows = defaultdict(int)
         for c, r in lay.values():

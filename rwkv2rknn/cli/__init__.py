@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from rwkv2rknn import __version__
-from rwkv2rknn.errors import UserError, describe_unexpected
+from rwkv2rknn.errors import run_guarded
 from rwkv2rknn.manifest import DEFAULT_OUT  # noqa: F401  (re-exported: split writes it, build reads it)
 
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`,
@@ -41,22 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        status = args.func(args)
-    except UserError as exc:
-        print(f"rwkv2rknn {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print(f"rwkv2rknn {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # no traceback reaches a user unless asked for
-        if os.environ.get("RWKV2RKNN_DEBUG"):
-            raise
-        msg, status = describe_unexpected(exc)
-        print(f"rwkv2rknn {args.command}: error: {msg}", file=sys.stderr)
-        return status
-    return int(status or 0)
-
+    return run_guarded(f"rwkv2rknn {args.command}", args.func, args)
 
 if __name__ == "__main__":
     sys.exit(main())

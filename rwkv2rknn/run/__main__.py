@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from rwkv2rknn.errors import UserError
+from rwkv2rknn.errors import UserError, run_guarded
 
 PROG = "python -m rwkv2rknn.run"
 
@@ -239,27 +239,7 @@ def _fp32_source(path) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # no traceback reaches a user unless asked for
-        import os
-
-        from rwkv2rknn.errors import describe_unexpected
-
-        if os.environ.get("RWKV2RKNN_DEBUG"):
-            raise
-        msg, status = describe_unexpected(exc)
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return status
-
+    return run_guarded(PROG, _run, args)
 
 def _run(args) -> int:
     from rwkv2rknn.manifest import Manifest
