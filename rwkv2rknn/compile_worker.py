@@ -24,22 +24,30 @@ def toolkit_version() -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool):
-    """The toolkit prints a banner and per-step logs on stdout; keep them out of the user's way."""
+def quiet_fds(enabled: bool = True, fds: tuple[int, ...] = (1,)):
+    """The toolkit prints banners and per-step logs on the raw file descriptors; hide them.
+
+    Builds hide stdout only (their errors on stderr land in the worker's log); the simulator runner
+    hides both, since its first-inference banners go to either.
+    """
     if not enabled:
         yield
         return
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 1)
+        for fd in fds:
+            os.dup2(devnull, fd)
         yield
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
+        sys.stderr.flush()
+        for fd, keep in zip(fds, saved):
+            os.dup2(keep, fd)
+        for fd in saved + [devnull]:
+            os.close(fd)
 
 
 class CompileError(RuntimeError):
@@ -59,11 +67,11 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
-    with _quiet(quiet and not verbose):
+    with quiet_fds(quiet and not verbose):
         rknn = RKNN(verbose=verbose)
     ok = False
     try:
-        with _quiet(quiet and not verbose):
+        with quiet_fds(quiet and not verbose):
             if rknn.config(target_platform=target) != 0:
                 raise CompileError(f"config(target_platform={target!r}) failed")
             if rknn.load_onnx(model=str(onnx_path)) != 0:
@@ -82,7 +90,7 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
         return rknn if for_simulator else None
     finally:
         if not (ok and for_simulator):
-            with _quiet(quiet and not verbose):
+            with quiet_fds(quiet and not verbose):
                 rknn.release()
 
 

@@ -7,9 +7,7 @@ RknnLiteRunner runs a .rknn on the board through rknn-toolkit-lite2.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 
 import numpy as np
@@ -147,22 +145,11 @@ class OrtRunner(Runner):
         self.session = None
 
 
-@contextlib.contextmanager
 def quiet_fds():
     """The toolkit logs build steps and first-inference banners on fds 1 and 2: hide them."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved + [devnull]:
-            os.close(fd)
+    from rwkv2rknn.compile_worker import quiet_fds as hide
+
+    return hide(True, (1, 2))
 
 
 # Built simulator objects, per process: building is slow, and a chain or a test may ask twice.
