@@ -227,6 +227,7 @@ class RknnLiteRunner(Runner):
         self.rknn_path = str(rknn_path)
         self.input_names, self.output_names = list(input_names), list(output_names)
         self.core_mask = core_mask
+        self._formats = ["nchw"] * len(self.input_names)
         self.rknn = None
 
     def _activate(self):
@@ -246,9 +247,11 @@ class RknnLiteRunner(Runner):
         self.rknn = rknn
 
     def infer_list(self, arrays: list) -> list:
-        outs = self.rknn.inference(inputs=list(arrays))
+        # nchw: the toolkit must not re-layout 1-D/2-D activations (the same call as the simulator's)
+        outs = self.rknn.inference(inputs=list(arrays), data_format=self._formats)
         if outs is None:
-            raise RuntimeError(f"{self.rknn_path}: RKNNLite.inference returned None (NPU runtime failure)")
+            raise UserError(f"{self.rknn_path}: RKNNLite.inference returned None (NPU runtime failure); "
+                            "check the NPU driver (dmesg), or run with --backend ort")
         return [o if o.dtype == np.float32 else o.astype(np.float32) for o in outs]
 
     def _deactivate(self):

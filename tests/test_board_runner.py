@@ -1,0 +1,131 @@
+"""The board path (`--backend rknn-lite`) against a stand-in rknnlite module.
+
+rknn-toolkit-lite2 has no x86 wheel, so these tests put a small fake `rknnlite.api.RKNNLite` on
+PYTHONPATH that answers like the real one (0 / -1 returns, None from a failed inference) and
+computes each .rknn's segment with onnxruntime from the ONNX beside it. What they check is our side
+of the contract: backend selection, the core mask, data_format, failure handling and the numbers
+flowing through the chain. They do not check the board.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.build import build_manifest
+from rwkv2rknn.split import split_model
+
+pytestmark = pytest.mark.rknn
+TOKENS = "5,17,200,3,99,42"
+
+FAKE = '''
+import json, os
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+
+LOG = os.environ["FAKE_RKNNLITE_LOG"]
+
+
+def _log(**kw):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(kw) + "\\n")
+
+
+class RKNNLite:
+    NPU_CORE_AUTO, NPU_CORE_0, NPU_CORE_1, NPU_CORE_2 = 0, 1, 2, 4
+    NPU_CORE_0_1, NPU_CORE_0_1_2 = 3, 7
+
+    def __init__(self, verbose=False):
+        self.sess = None
+
+    def load_rknn(self, path):
+        p = Path(path)
+        if not p.exists():
+            return -1
+        onnx_path = p.parent.parent / "segments" / (p.name[:-len(".rknn")] + ".onnx")
+        self.sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.path = str(p)
+        return 0
+
+    def init_runtime(self, core_mask=0):
+        _log(event="init", path=self.path, core_mask=core_mask)
+        return int(os.environ.get("FAKE_INIT_RET", "0"))
+
+    def inference(self, inputs, data_format=None):
+        _log(event="infer", path=self.path, data_format=data_format)
+        if os.environ.get("FAKE_INFER_NONE"):
+            return None
+        names = [i.name for i in self.sess.get_inputs()]
+        # the board computes fp16: round the inputs and outputs through float16 like the NPU would
+        feed = {n: np.asarray(a, np.float32).astype(np.float16).astype(np.float32) for n, a in zip(names, inputs)}
+        return [o.astype(np.float16) for o in self.sess.run(None, feed)]
+
+    def release(self):
+        self.sess = None
+'''
+
+
+@pytest.fixture(scope="module")
+def built(model_factory, tmp_path_factory):
+    out = tmp_path_factory.mktemp("board") / "out"
+    split_model([model_factory(embd=128)], out, progress=False)
+    build_manifest(out, verify=False, progress=False)
+    fake = tmp_path_factory.mktemp("fake")
+    (fake / "rknnlite").mkdir()
+    (fake / "rknnlite" / "__init__.py").write_text("")
+    (fake / "rknnlite" / "api.py").write_text(textwrap.dedent(FAKE))
+    return out / "manifest.json", fake
+
+
+def _run(manifest, fake, tmp_path, *args, **env):
+    log = tmp_path / "rknnlite.log"
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+                    FAKE_RKNNLITE_LOG=str(log), **env)
+    r = subprocess.run([sys.executable, "-m", "rwkv2rknn.run", str(manifest), "--tokens", TOKENS, "-q", *args],
+                       capture_output=True, text=True, env=full_env)
+    events = [__import__("json").loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return r, events
+
+
+def test_rknn_lite_runs_every_npu_segment_with_the_core_mask(built, tmp_path):
+    manifest, fake = built
+    r, events = _run(manifest, fake, tmp_path, "--backend", "rknn-lite", "--core-mask", "0_1_2",
+                     "--dump-logits", str(tmp_path / "lite.npy"))
+    assert r.returncode == 0, r.stderr
+    inits = [e for e in events if e["event"] == "init"]
+    npu_rknn = {str(manifest.parent / "rknn")}
+    assert inits and all(e["core_mask"] == 7 for e in inits)
+    assert {str(Path(e["path"]).parent) for e in inits} == npu_rknn
+    infers = [e for e in events if e["event"] == "infer"]
+    assert infers and all(set(e["data_format"]) == {"nchw"} for e in infers)
+
+    r2, _ = _run(manifest, fake, tmp_path, "--backend", "ort", "--dump-logits", str(tmp_path / "ort.npy"))
+    assert r2.returncode == 0, r2.stderr
+    a, b = np.load(tmp_path / "lite.npy"), np.load(tmp_path / "ort.npy")
+    assert a.dtype == np.float32
+    cos = float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
+    assert cos >= 0.999 and int(a.argmax()) == int(b.argmax())
+
+
+def test_auto_picks_rknn_lite_where_it_imports(built, tmp_path):
+    manifest, fake = built
+    r, events = _run(manifest, fake, tmp_path, "--backend", "auto")
+    assert r.returncode == 0, r.stderr
+    assert any(e["event"] == "infer" for e in events)
+
+
+@pytest.mark.parametrize("env, words", [({"FAKE_INIT_RET": "-1"}, "init_runtime"),
+                                        ({"FAKE_INFER_NONE": "1"}, "returned None")])
+def test_board_runtime_failures_are_one_line_errors(built, tmp_path, env, words):
+    manifest, fake = built
+    r, _ = _run(manifest, fake, tmp_path, "--backend", "rknn-lite", **env)
+    assert r.returncode == 2
+    assert words in r.stderr and ".rknn" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
