@@ -170,7 +170,7 @@ class Manifest:
     def load(cls, path: str | Path, check_files: bool = True) -> Manifest:
         """Load and validate; refuse newer formats, missing files and files whose sha256 changed."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or (not path.exists() and not path.name.endswith(".json")):
             path = path / MANIFEST_NAME
         if not path.exists():
             raise UserError(f"{path}: no manifest here; run `rwkv2rknn split MODEL -o {path.parent}` first")

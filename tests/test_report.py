@@ -84,6 +84,23 @@ def test_report_default_output_path(split_out, tmp_path):
     assert "not built yet" in text  # a split alone has no verify metrics yet, and says so
 
 
+def test_report_takes_the_manifest_path_and_refuses_a_directory_as_output(split_out, tmp_path, capsys):
+    out = _copy(split_out, tmp_path / "out")
+    assert main(["report", str(out / "manifest.json")]) == 0  # as `build` and `run` take it
+    assert (out / "report.html").is_file()
+    assert main(["report", str(out), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and ".tmp" not in err
+
+
+def test_report_without_manifest_names_the_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert "rwkv2rknn-out/manifest.json: no manifest here" in err and "-o rwkv2rknn-out" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_report_shows_fallbacks_and_survives_missing_segment_files(split_out, tmp_path):
     out = _copy(split_out, tmp_path / "out")
     path = out / "manifest.json"

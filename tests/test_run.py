@@ -140,6 +140,28 @@ def test_tokens_dump_logits(split, tmp_path, ref_logits, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["l.npy"]  # nothing half-written left beside it
 
 
+@pytest.mark.parametrize("spelled", ["1 2 3", "1, 2, 3", " 1,2 3 "])
+def test_tokens_separated_by_spaces(split, tmp_path, spelled):
+    """"1 2 3" is three ids, never the one id 123."""
+    want, got = tmp_path / "want.npy", tmp_path / "got.npy"
+    assert run_main([str(split), "--tokens", "1,2,3", "--dump-logits", str(want), "--backend", "ort", "-q"]) == 0
+    assert run_main([str(split), "--tokens", spelled, "--dump-logits", str(got), "--backend", "ort", "-q"]) == 0
+    assert np.array_equal(np.load(want), np.load(got))
+
+
+def test_empty_tokens_and_prompt_refused(split, capsys):
+    assert run_main([str(split), "--tokens", "", "-q"]) == 2
+    assert "--tokens: no ids given" in capsys.readouterr().err
+    assert run_main([str(split), "--prompt", "", "--bench", "-q"]) == 2
+    assert "--prompt encodes to no tokens" in capsys.readouterr().err
+
+
+def test_generated_control_characters_not_written(split, capsys):
+    assert run_main([str(split), "--prompt", "Hi", "--max-tokens", "64", "--seed", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert not any(ord(c) < 0x20 and c not in "\t\n" for c in out), repr(out)
+
+
 def test_tokens_then_generate_ids(split, capsys):
     assert run_main([str(split), "--tokens", "1,2", "--max-tokens", "5", "--temperature", "0", "-q"]) == 0
     out = capsys.readouterr().out

@@ -71,5 +71,7 @@ def print_summary(console, report, args) -> None:
         console.print(f"[yellow]warning[/yellow] {w}")
     if args.no_verify:
         console.print("[yellow]warning[/yellow] --no-verify: the compiled segments were not checked")
+    manifest = args.out if args.out.endswith(".json") else os.path.join(args.out, MANIFEST_NAME)
     console.print(f"compiled {report.compiles} segment(s) in {report.wall:.1f} s wall; "
-                  f"run: python -m rwkv2rknn.run {os.path.join(args.out, MANIFEST_NAME)}")
+                  f"run: python -m rwkv2rknn.run {manifest}",
+                  soft_wrap=True)  # never break the command to copy across lines

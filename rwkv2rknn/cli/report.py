@@ -12,7 +12,8 @@ def register(sub) -> None:
                        description="Render OUT/manifest.json as one self-contained HTML file: a drawing of "
                        "each graph coloured by backend, segment boundaries, the reason for every CPU "
                        "placement, verify metrics, fallbacks and per-token totals.")
-    p.add_argument("out", nargs="?", default=DEFAULT_OUT, help=f"split/build output directory (default: {DEFAULT_OUT})")
+    p.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
+                   help=f"split/build output directory, or its manifest.json (default: {DEFAULT_OUT})")
     p.add_argument("-o", "--output", default=None, help="HTML file to write (default: OUT/report.html)")
     p.set_defaults(func=run)
 
@@ -20,7 +21,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from rwkv2rknn.report import write_report
 
-    target = Path(args.output) if args.output else Path(args.out) / "report.html"
+    out = Path(args.out)
+    if out.name.endswith(".json"):  # OUT/manifest.json, as `build` and `run` accept it
+        out = out.parent
+    target = Path(args.output) if args.output else out / "report.html"
+    if target.is_dir():
+        from rwkv2rknn.errors import UserError
+
+        raise UserError(f"{target}: is a directory; give -o a file name, e.g. -o {target / 'report.html'}")
     path = write_report(args.out, target)
     print(f"wrote {path}")
     return 0

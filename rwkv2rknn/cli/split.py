@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
@@ -53,9 +54,11 @@ def run(args) -> int:
             console.print(table)
     print_summary(console, reports)
     if not args.preview:
-        console.print(f"wrote {args.out}/{MANIFEST_NAME} ({sum(r.npu_segments + r.cpu_segments for r in reports)} "
+        n_segments = sum(r.npu_segments + r.cpu_segments for r in reports)
+        console.print(f"wrote {os.path.join(args.out, MANIFEST_NAME)} ({n_segments} "
                       f"segments) in {time.perf_counter() - t0:.1f} s; next: rwkv2rknn build "
-                      f"{'' if args.out == DEFAULT_OUT else args.out + ' '}--target {args.target}")
+                      f"{'' if args.out == DEFAULT_OUT else args.out + ' '}--target {args.target}",
+                      soft_wrap=True)  # never break the command to copy across lines
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import time
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_tokens(text: str, vocab: int) -> list[int]:
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        # commas and/or whitespace separate ids: "1,2,3", "1, 2, 3" and "1 2 3" are the same three ids
+        ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t != ""]
     except ValueError:
         raise UserError(f"--tokens {text!r}: expected comma-separated integers, e.g. --tokens 34,105,110") from None
     if not ids:
@@ -85,6 +87,11 @@ def _save_logits(path: str, logits: np.ndarray) -> None:
         np.save(f, np.asarray(logits, dtype=np.float32))
 
 
+# Control characters in generated text (ESC, NUL, CR, ... from a random or badly matched model) would
+# drive the terminal instead of showing text: they are written as U+FFFD; tab and newline pass.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -106,7 +113,7 @@ def generate(chain, logits, n: int, tokenizer, args, rng, stop: str | None = Non
         piece = dec.add(tok)
         if piece:
             out.append(piece)
-            _write(piece)
+            _write(piece.translate(_CONTROLS))
             if stop and stop in "".join(out[-8:]):
                 break
     if dec is None:
@@ -263,8 +270,8 @@ def _run(args) -> int:
         raise UserError(f"{manifest.path}: --check is for single-graph splits; for a whole model compare "
                         "logits with --tokens ... --dump-logits")
     vocab = model["vocab_size"]
-    tokens = _parse_tokens(args.tokens, vocab) if args.tokens else None
-    if args.tokens and args.prompt:
+    tokens = _parse_tokens(args.tokens, vocab) if args.tokens is not None else None
+    if args.tokens is not None and args.prompt is not None:
         raise UserError("give either --prompt or --tokens, not both")
     need_tok = (args.prompt is not None or args.chat) or (not args.bench and tokens is None)
     tokenizer = None
@@ -281,7 +288,7 @@ def _run(args) -> int:
     rng = np.random.default_rng(args.seed)
     with _open_chain(args, manifest) as chain:
         if args.bench:
-            ids = tokens or (tokenizer.encode(args.prompt) if args.prompt else
+            ids = tokens or (tokenizer.encode(args.prompt) if args.prompt is not None else
                              [int(t) for t in np.random.default_rng(0).integers(0, vocab, 32)])
             if not ids:
                 raise UserError("--prompt encodes to no tokens")
