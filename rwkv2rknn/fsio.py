@@ -58,8 +58,27 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+# What later steps write into an output directory (build, report); theirs to replace as well.
+_LATER_OUTPUTS = ("rknn/", "report.html")
+_MARKER_HEAD = "made by rwkv2rknn; safe to replace. Files it wrote:"
+
+
 def is_tool_output(directory: Path) -> bool:
     return (directory / MARKER).exists()
+
+
+def _relative_files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Files in a directory rwkv2rknn made that it did not write itself (a tokenizer copied in, notes)."""
+    lines = (directory / MARKER).read_text().splitlines()
+    if not lines or lines[0] != _MARKER_HEAD:
+        return []  # a marker without a file list: trust it as a whole
+    written = set(lines[1:]) | {MARKER}
+    return sorted(f for f in _relative_files(directory) - written
+                  if not any(f == o or (o.endswith("/") and f.startswith(o)) for o in _LATER_OUTPUTS))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -135,11 +154,19 @@ def staged_directory(final: str | os.PathLike, force: bool = False, what: str = 
     recover_directory(final)
     if final.exists() and not final.is_dir():
         raise UserError(f"{final}: exists and is not a directory; choose another -o")
-    if final.is_dir() and any(final.iterdir()) and not is_tool_output(final) and not force:
-        raise UserError(
-            f"{final}: {what} already holds files rwkv2rknn did not write; "
-            "choose an empty or new directory, or pass --force to replace it"
-        )
+    if final.is_dir() and any(final.iterdir()) and not force:
+        if not is_tool_output(final):
+            raise UserError(
+                f"{final}: {what} already holds files rwkv2rknn did not write; "
+                "choose an empty or new directory, or pass --force to replace it"
+            )
+        added = foreign_files(final)
+        if added:
+            raise UserError(
+                f"{final}: holds {added[0]}{f' and {len(added) - 1} more file(s)' if len(added) > 1 else ''} "
+                "that rwkv2rknn did not write and a new output would delete; move them away, "
+                "choose another -o, or pass --force"
+            )
     for p in final.parents:
         if p.exists() and not p.is_dir():
             raise UserError(f"{p}: is a file, not a directory; choose another -o")
@@ -150,7 +177,7 @@ def staged_directory(final: str | os.PathLike, force: bool = False, what: str = 
     done = False
     try:
         yield stage
-        (stage / MARKER).write_text("made by rwkv2rknn; safe to replace\n")
+        (stage / MARKER).write_text("\n".join([_MARKER_HEAD, *sorted(_relative_files(stage))]) + "\n")
         if final.exists() and _exchange(stage, final):
             shutil.rmtree(stage, ignore_errors=True)  # now the previous output
         else:

@@ -159,3 +159,20 @@ def test_layers_of_different_widths_are_refused(model_factory, tmp_path):
     r = _run_cli("split", str(bad), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "width" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rewrite_keeps_files_the_user_added(tiny_fp16, tmp_path):
+    """A directory rwkv2rknn made is replaced whole, but not over files someone put in it since."""
+    out = tmp_path / "out"
+    assert cli_main(["split", str(tiny_fp16), "-o", str(out), "-q"]) == 0
+    # what later steps write there (build, report) is the tool's own: still replaceable
+    (out / "rknn").mkdir()
+    (out / "rknn" / "x.rknn").write_bytes(b"\0")
+    (out / "report.html").write_text("<html></html>")
+    assert cli_main(["split", str(tiny_fp16), "-o", str(out), "-q"]) == 0
+    assert not (out / "report.html").exists()
+    (out / "notes.txt").write_text("mine")
+    assert cli_main(["split", str(tiny_fp16), "-o", str(out), "-q"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+    assert cli_main(["split", str(tiny_fp16), "-o", str(out), "-q", "--force"]) == 0
+    assert not (out / "notes.txt").exists()
