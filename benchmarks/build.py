@@ -1,9 +1,11 @@
-"""Build time, cold and warm: compile every NPU segment of a generated model, then rebuild unchanged.
+"""Build time, cold and warm: compile every NPU segment of generated models, then rebuild unchanged.
 
-The warm build must compile nothing (content-hash cache), so its time is the baseline's overhead.
-Ratios are against the cold build measured in the same run.
+For each shape (169M and 430M by default): export random fp16 weights, split (default policy), build
+cold with simulator verification, build again with nothing changed (the content-hash cache must
+compile nothing). Ratios are against the cold build measured in the same run; the verify figures
+(minimum cosine, largest max-abs error over all NPU segments) come from the manifest.
 
-    .venv/bin/python -m benchmarks.build [--layers 12 --embd 768 --vocab 50277 --jobs 2]
+    .venv/bin/python -m benchmarks.build [--shapes 169M,430M] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -16,44 +18,56 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "build.json"
+SHAPES = {"169M": (12, 768, 50277), "430M": (24, 1024, 50277)}
 
 
-def main(argv=None) -> dict:
+def measure(work: Path, name: str, jobs: int) -> dict:
     from rwkv2rknn.build import build_manifest
     from rwkv2rknn.checkpoints import random_weights
     from rwkv2rknn.export import export_model
+    from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.split import split_model
 
+    layers, embd, vocab = SHAPES[name]
+    model, out = work / f"model-{name}", work / f"split-{name}"
+    if not (model / "head.onnx").exists():
+        export_model(random_weights(layers, embd, vocab, seed=0), model, force=True)
+    shutil.rmtree(out, ignore_errors=True)  # cold means cold: no .rknn from an earlier run
+    _, reports = split_model([model], out, progress=False)
+    t0 = time.perf_counter()
+    cold = build_manifest(out, jobs=jobs)
+    cold_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = build_manifest(out, jobs=jobs)
+    warm_s = time.perf_counter() - t0
+    verify = [s["verify"] for _, s in Manifest.load(out).segments() if "verify" in s]
+    return {"shape": {"layers": layers, "embd": embd, "vocab": vocab}, "jobs": jobs,
+            "npu_segments": sum(r.npu_segments for r in reports),
+            "cold_seconds": round(cold_s, 1), "warm_seconds": round(warm_s, 2),
+            "warm_vs_cold": round(warm_s / cold_s, 4), "cold_compiles": cold.compiles,
+            "warm_compiles": warm.compiles,
+            "verify_cosine_min": min((v["cosine"] for v in verify), default=None),
+            "verify_max_abs": max((v["max_abs"] for v in verify), default=None)}
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
-    ap.add_argument("--vocab", type=int, default=50277)
+    ap.add_argument("--shapes", default="169M,430M")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / ".work" / "build"))
     args = ap.parse_args(argv)
     work = Path(args.work)
-    model, out = work / "model", work / "split"
-    if not (model / "head.onnx").exists():
-        export_model(random_weights(args.layers, args.embd, args.vocab, seed=0), model, force=True)
-    shutil.rmtree(out, ignore_errors=True)  # cold means cold: no .rknn from an earlier run
-    _, reports = split_model([model], out, progress=False)
-    npu = sum(r.npu_segments for r in reports)
-    t0 = time.perf_counter()
-    cold = build_manifest(out, jobs=args.jobs)
-    cold_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    warm = build_manifest(out, jobs=args.jobs)
-    warm_s = time.perf_counter() - t0
-    result = {"shape": {"layers": args.layers, "embd": args.embd, "vocab": args.vocab}, "jobs": args.jobs,
-              "npu_segments": npu, "cold_seconds": round(cold_s, 1), "warm_seconds": round(warm_s, 2),
-              "warm_vs_cold": round(warm_s / cold_s, 4),
-              "cold_compiles": getattr(cold, "compiles", None), "warm_compiles": getattr(warm, "compiles", None)}
-    print(f"\nbuild {args.layers}x{args.embd} (vocab {args.vocab}), {npu} NPU segments, --jobs {args.jobs}: "
-          f"cold {cold_s:.1f} s, warm {warm_s:.2f} s ({100 * warm_s / cold_s:.1f}% of cold)")
+    results = {}
+    for name in args.shapes.split(","):
+        r = results[name] = measure(work, name, args.jobs)
+        print(f"\nbuild {name}: {r['npu_segments']} NPU segments, --jobs {args.jobs}: cold {r['cold_seconds']:.1f} s "
+              f"({r['cold_compiles']} compiles), warm {r['warm_seconds']:.2f} s ({r['warm_compiles']} compiles, "
+              f"{100 * r['warm_vs_cold']:.1f}% of cold); verify cosine min {r['verify_cosine_min']:.7f}, "
+              f"max abs {r['verify_max_abs']:.3g}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
-    return result
+    return results
 
 
 if __name__ == "__main__":

@@ -59,10 +59,14 @@ def tables() -> str:
                   "rwkv_pip = the `rwkv` package, strategy `cpu fp32`, same weights.", ""]
     b = _load("build")
     if b:
-        s = b["shape"]
-        lines += [f"**Build** ({s['layers']}x{s['embd']}, {b['npu_segments']} NPU segments, --jobs {b['jobs']}, "
-                  f"simulator verify on): cold {b['cold_seconds']:.1f} s, warm (nothing changed) "
-                  f"{b['warm_seconds']:.2f} s = {100 * b['warm_vs_cold']:.1f}% of cold.", ""]
+        lines += ["**Build** (`rwkv2rknn build --jobs 2`, simulator verify on; warm = rebuild with nothing changed)", "",
+                  "| shape | NPU segments | cold s | warm s | warm/cold | warm compiles | verify cosine min | max abs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in b.items():
+            lines.append(f"| {name} | {r['npu_segments']} | {r['cold_seconds']:.1f} | {r['warm_seconds']:.2f} | "
+                         f"{100 * r['warm_vs_cold']:.1f}% | {r['warm_compiles']} | {r['verify_cosine_min']:.7f} | "
+                         f"{r['verify_max_abs']:.3g} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -100,8 +104,13 @@ def chart(path: Path) -> None:
         ax.set_title("decode ms/token on the host (log; shorter is better)")
     if b:
         ax = axes[2]
-        ax.bar(["cold", "warm"], [b["cold_seconds"], b["warm_seconds"]], color=["#1565c0", "#90caf9"])
-        ax.set_title(f"build seconds ({b['npu_segments']} NPU segments)")
+        names = list(b)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [b[n]["cold_seconds"] for n in names], 0.4, label="cold", color="#1565c0")
+        ax.bar([x + 0.2 for x in xs], [b[n]["warm_seconds"] for n in names], 0.4, label="warm", color="#90caf9")
+        ax.set_xticks(list(xs), [f"{n} ({b[n]['npu_segments']} NPU segs)" for n in names])
+        ax.set_title("build seconds, --jobs 2")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
