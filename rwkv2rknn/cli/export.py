@@ -74,8 +74,8 @@ def _weights(args):
 def run(args) -> int:
     from rwkv2rknn.export import export_model
 
+    t0 = time.perf_counter()  # reading a checkpoint is part of the wait
     weights = _weights(args)
-    t0 = time.perf_counter()
     files = export_model(weights, args.out, dtype=args.dtype, weights_as=args.weights_as,
                          force=args.force, progress=not args.quiet)
     print(f"wrote {len(files)} graphs ({weights.n_layer} layers, n_embd={weights.n_embd}, "
