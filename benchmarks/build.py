@@ -11,27 +11,20 @@ compile nothing). Ratios are against the cold build measured in the same run; th
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "build.json"
-SHAPES = {"169M": (12, 768, 50277), "430M": (24, 1024, 50277)}
+from benchmarks.common import ROOT, SHAPES, export_shape, save_results
 
 
 def measure(work: Path, name: str, jobs: int) -> dict:
     from rwkv2rknn.build import build_manifest
-    from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.export import export_model
     from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.split import split_model
 
     layers, embd, vocab = SHAPES[name]
-    model, out = work / f"model-{name}", work / f"split-{name}"
-    if not (model / "head.onnx").exists():
-        export_model(random_weights(layers, embd, vocab, seed=0), model, force=True)
+    model, out = export_shape(work, name), work / f"split-{name}"
     shutil.rmtree(out, ignore_errors=True)  # cold means cold: no .rknn from an earlier run
     _, reports = split_model([model], out, progress=False)
     t0 = time.perf_counter()
@@ -64,9 +57,7 @@ def main(argv=None) -> dict:
               f"({r['cold_compiles']} compiles), warm {r['warm_seconds']:.2f} s ({r['warm_compiles']} compiles, "
               f"{100 * r['warm_vs_cold']:.1f}% of cold); verify cosine min {r['verify_cosine_min']:.7f}, "
               f"max abs {r['verify_max_abs']:.3g}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    save_results("build", results)
     return results
 
 

@@ -11,25 +11,12 @@ attempt) is the baseline the ratios are taken against.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "partition.json"
-SHAPES = {"169M": (12, 768, 50277), "430M": (24, 1024, 50277)}
+from benchmarks.common import ROOT, SHAPES, export_shape, save_results
+
 POLICIES = ("matmul", "fused", "layer")
-
-
-def export_shape(work: Path, name: str) -> Path:
-    from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.export import export_model
-
-    layers, embd, vocab = SHAPES[name]
-    out = work / f"model-{name}"
-    if not (out / "head.onnx").exists():
-        export_model(random_weights(layers, embd, vocab, seed=0), out, dtype="float16", force=True, progress=True)
-    return out
 
 
 def measure(model_dir: Path, policy: str) -> dict:
@@ -70,9 +57,7 @@ def main(argv=None) -> dict:
             print(f"{r['policy']:8} {r['npu_calls_per_token']:9d} {r['calls_vs_matmul']:9.3f} "
                   f"{r['crossing_bytes_per_token'] / 1024:11.1f} {100 * r['npu_matmul_flop_share']:13.1f}% "
                   f"{r['split_seconds']:8.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    save_results("partition", results)
     return results
 
 

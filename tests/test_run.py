@@ -338,8 +338,8 @@ def test_chat_in_tmux(split, tmp_path):
                                   text=True).stdout
 
         def wait_for(text, timeout=60):
-            end = time.time() + timeout
-            while time.time() < end:
+            end = time.monotonic() + timeout  # a wait for the screen, not a speed check
+            while time.monotonic() < end:
                 s = screen()
                 if text(s):
                     return s

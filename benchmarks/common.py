@@ -1,0 +1,31 @@
+"""What the benchmarks share: the model shapes they generate, and how they save their results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# (layers, n_embd, vocab) of the RWKV-4 Pile models the benchmarks imitate with random weights.
+SHAPES = {"169M": (12, 768, 50277), "430M": (24, 1024, 50277)}
+
+
+def export_shape(work: Path, name: str) -> Path:
+    """Random fp16 weights of a named shape in the llama.onnx layout, exported once per work dir."""
+    from rwkv2rknn.checkpoints import random_weights
+    from rwkv2rknn.export import export_model
+
+    layers, embd, vocab = SHAPES[name]
+    out = work / f"model-{name}"
+    if not (out / "head.onnx").exists():
+        export_model(random_weights(layers, embd, vocab, seed=0), out, dtype="float16", force=True, progress=True)
+    return out
+
+
+def save_results(name: str, results) -> Path:
+    path = RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path
