@@ -110,6 +110,21 @@ def _mix(b: _GraphBuilder, x: str, s: str, mu: np.ndarray, name: str) -> str:
     return b.op("Add", [a, c], name)
 
 
+def _wkv_terms(b: _GraphBuilder, p: str, kk: str, aa: str, bb: str, v: str,
+               q_name: str, e_prefix: str, num_name: str, den_name: str) -> tuple[str, str, str]:
+    """q = max(p, kk); e1 = exp(p - q), e2 = exp(kk - q); (q, e1*aa + e2*v, e1*bb + e2).
+
+    The same stable weighted sum serves the WKV output (p = pp, kk = u + k) and the state update
+    (p = pp + w, kk = k).
+    """
+    q = b.max(p, kk, q_name)
+    e1 = b.op("Exp", [b.op("Sub", [p, q])], f"{e_prefix}1")
+    e2 = b.op("Exp", [b.op("Sub", [kk, q])], f"{e_prefix}2")
+    num = b.op("Add", [b.op("Mul", [e1, aa]), b.op("Mul", [e2, v])], num_name)
+    den = b.op("Add", [b.op("Mul", [e1, bb]), e2], den_name)
+    return q, num, den
+
+
 def build_embed(w: dict[str, np.ndarray], dtype: str = "float16", weights_as: str = "constants") -> onnx.ModelProto:
     """`token` int32 [1] -> LN0(emb[token]) -> `output` [C]."""
     b = _GraphBuilder(dtype, weights_as)
@@ -158,21 +173,13 @@ def build_mixing(w: dict[str, np.ndarray], index: int = 0, dtype: str = "float16
     decay = b.weight("att.time_decay", w["att.time_decay"])  # already w = -exp(raw)
 
     ww = b.op("Add", [u, k], "att.ww")
-    q = b.max(pp, ww, "att.q")
-    e1 = b.op("Exp", [b.op("Sub", [pp, q])], "att.e1")
-    e2 = b.op("Exp", [b.op("Sub", [ww, q])], "att.e2")
-    num = b.op("Add", [b.op("Mul", [e1, aa]), b.op("Mul", [e2, v])], "att.num")
-    den = b.op("Add", [b.op("Mul", [e1, bb]), e2], "att.den")
+    _, num, den = _wkv_terms(b, pp, ww, aa, bb, v, "att.q", "att.e", "att.num", "att.den")
     wkv = b.op("Div", [num, den], "att.wkv")
     att = matmul("att.output.weight", b.op("Mul", [r, wkv], "att.rwkv"), "att.out")
     x1 = b.op("Add", ["input", att], "x1")
 
     ww2 = b.op("Add", [pp, decay], "att.ww2")
-    q2 = b.max(ww2, k, "att.pp_new")
-    f1 = b.op("Exp", [b.op("Sub", [ww2, q2])], "att.f1")
-    f2 = b.op("Exp", [b.op("Sub", [k, q2])], "att.f2")
-    aa2 = b.op("Add", [b.op("Mul", [f1, aa]), b.op("Mul", [f2, v])], "att.aa_new")
-    bb2 = b.op("Add", [b.op("Mul", [f1, bb]), f2], "att.bb_new")
+    q2, aa2, bb2 = _wkv_terms(b, ww2, k, aa, bb, v, "att.pp_new", "att.f", "att.aa_new", "att.bb_new")
 
     # channel mixing (its shift is the OLD ffn row of the state)
     xf = b.layer_norm(x1, "ln2", w["ln2.weight"], w["ln2.bias"], consts)
