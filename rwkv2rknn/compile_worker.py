@@ -116,21 +116,6 @@ def _die_with_parent(parent_pid: int | None) -> None:
         os._exit(3)  # the parent died before prctl took effect
 
 
-def _cosine(a, b) -> float:
-    import numpy as np
-
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("nan")
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def load_samples(path) -> list[dict]:
     """Samples stored by `save_samples`: a list of {input name: array}."""
     import numpy as np
@@ -151,15 +136,42 @@ def save_samples(path, samples: list[dict]) -> None:
         np.savez(f, **flat)
 
 
-def verify_segment(rknn, onnx_path, samples: list[dict]) -> dict:
-    """Run the simulator and onnxruntime fp32 on the same inputs: min cosine, max abs difference."""
+def write_dataset(directory, samples: list[dict], order: list[str]):
+    """rknn-toolkit2's dataset.txt: one sample per line, its inputs' .npy paths space-separated."""
+    import numpy as np
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, feed in enumerate(samples):
+        paths = []
+        for k, n in enumerate(order):
+            p = directory / f"{i}_{k}.npy"
+            np.save(p, np.ascontiguousarray(feed[n]))
+            paths.append(str(p.resolve()))
+        lines.append(" ".join(paths))
+    ds = directory / "dataset.txt"
+    ds.write_text("\n".join(lines) + "\n")
+    return ds.resolve()
+
+
+def verify_segment(rknn, onnx_path, samples: list[dict], precision: str = "fp16") -> dict:
+    """Run the simulator and onnxruntime fp32 on the same inputs; the manifest's `verify` entry.
+
+    Per output the worst cosine, max abs difference and rel_l2 (see rwkv2rknn/numerics.py); the
+    segment's figure is its worst output, named with its scale.
+    """
     import numpy as np
     import onnx
     import onnxruntime as ort
 
+    from rwkv2rknn.numerics import compare_outputs, summarize
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     in_names = [v.name for v in model.graph.input if v.name not in inits]
+    out_names = [v.name for v in model.graph.output]
     out_shapes = []
     for v in model.graph.output:
         dims = v.type.tensor_type.shape.dim
@@ -167,7 +179,7 @@ def verify_segment(rknn, onnx_path, samples: list[dict]) -> dict:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    cos, max_abs = 1.0, 0.0
+    stats: dict = {}
     for feed in samples:
         feed = {n: np.ascontiguousarray(feed[n]) for n in in_names}
         ref = sess.run(None, feed)
@@ -175,32 +187,52 @@ def verify_segment(rknn, onnx_path, samples: list[dict]) -> dict:
         got = rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names))
         if got is None or len(got) != len(ref):
             raise CompileError("simulator inference returned no outputs")
+        shaped = []
         for r, g, shape in zip(ref, got, out_shapes):
             g = np.asarray(g, dtype=np.float32)
             if g.size != r.size:
                 raise CompileError(f"simulator output has {g.size} values, onnxruntime {r.size}")
-            g = g.reshape(shape if shape is not None else r.shape)
-            cos = min(cos, _cosine(g, r))
-            diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
-            max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
-    return {"cosine": cos, "max_abs": max_abs}
+            shaped.append(g.reshape(shape if shape is not None else r.shape))
+        compare_outputs(shaped, ref, out_names, [feed[n] for n in in_names], precision, stats)
+    return summarize(stats)
+
+
+# Written to the log before each compile: the compiler table of the last build follows the last marker.
+BUILD_MARKER = "rwkv2rknn: building precision="
+
+
+def _build_and_verify(job: dict, precision: str) -> dict:
+    print(f"{BUILD_MARKER}{precision}", flush=True)
+    verify = job.get("verify_inputs")
+    rknn = compile_segment(job["onnx"], target=job["target"], precision=precision,
+                           dataset=job.get("dataset"), rknn_out=job["rknn_out"],
+                           for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
+    if not verify:
+        return {"precision": precision, "verify": None}
+    try:
+        return {"precision": precision, "verify": verify_segment(rknn, job["onnx"], load_samples(verify), precision)}
+    finally:
+        rknn.release()
 
 
 def run_job(job: dict) -> dict:
-    """Compile (and verify) the segment a job file describes; the result dict for the parent."""
+    """Compile (and verify) the segment a job file describes; the result dict for the parent.
+
+    With `max_rel_l2` and a quantized precision, a segment that loses more than that in the simulator
+    is built again in fp16 (mixed precision per segment), and the result says why.
+    """
     import time
 
     t0 = time.perf_counter()
-    verify = job.get("verify_inputs")
-    rknn = compile_segment(job["onnx"], target=job["target"], precision=job["precision"],
-                           dataset=job.get("dataset"), rknn_out=job["rknn_out"],
-                           for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
-    result = {"ok": True, "verify": None}
-    if verify:
-        try:
-            result["verify"] = verify_segment(rknn, job["onnx"], load_samples(verify))
-        finally:
-            rknn.release()
+    result = {"ok": True, **_build_and_verify(job, job["precision"])}
+    limit = job.get("max_rel_l2")
+    v = result["verify"]
+    if job["precision"] != "fp16" and limit is not None and v is not None and not v["rel_l2"] <= limit:
+        why = (f"{job['precision']} rel_l2 {v['rel_l2']:.3g} > {limit:g} on output {v.get('worst_output')} "
+               "in the simulator; built fp16 instead")
+        print(f"rwkv2rknn: {why}", flush=True)
+        result = {"ok": True, **_build_and_verify(job, "fp16"), "precision_reason": why,
+                  "rejected": {"precision": job["precision"], "verify": v}}
     result["seconds"] = time.perf_counter() - t0
     return result
 

@@ -151,9 +151,10 @@ def test_user_errors_exit_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "rk9999" in err and "rk3588" in err and err.count("\n") == 1
     assert main(["build", str(tmp_path / "out"), "--calib", "x.txt"]) == 2
-    capsys.readouterr()
-    from rwkv2rknn import build
-    monkeypatch.setattr(build, "toolkit_version", lambda: None)
+    err = capsys.readouterr().err
+    assert "x.txt" in err and err.count("\n") == 1
+    from rwkv2rknn.build import driver
+    monkeypatch.setattr(driver, "toolkit_version", lambda: None)
     assert main(["build", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "pip install rknn-toolkit2" in err and err.count("\n") == 1

@@ -17,7 +17,9 @@ def register(sub) -> None:
         description="Compile every NPU segment of OUT/manifest.json to OUT/rknn/<id>.rknn, each in its own "
         "child process. A segment whose compile crashes, fails or hangs is bisected and rebuilt; what still "
         "fails runs on the CPU, with the reason in the manifest. Each compiled segment is run in the "
-        "rknn-toolkit2 simulator on real activations and compared with onnxruntime fp32. Unchanged "
+        "rknn-toolkit2 simulator on real activations and compared with onnxruntime fp32 (rel_l2); a whole "
+        "model then runs a text through the simulator chain and onnxruntime fp32 and compares logits. With "
+        "--precision w8a8, a segment that loses too much in the simulator is built fp16 instead. Unchanged "
         "segments are not compiled again.",
     )
     p.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
@@ -27,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--precision", default="fp16", choices=["fp16", "w8a8"],
                    help="fp16 (default) or w8a8 (int8 weights and activations, calibrated)")
     p.add_argument("--calib", metavar="FILE",
-                   help="w8a8 calibration: a text file, or a file of token ids (default: built-in text)")
+                   help="text (or a file of token ids) to calibrate w8a8 with and to check the whole model on "
+                   "(default: a built-in text)")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help=f"compiles in parallel (default: CPU count, {os.cpu_count()})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -57,18 +60,27 @@ def print_summary(console, report, args) -> None:
 
     table = Table(title=f"build summary ({report.target}, {report.precision}, rknn-toolkit2 {report.toolkit})",
                   title_justify="left")
-    for col in ("segments built", "cached", "fallen back to CPU", "bisected", "compiles", "cosine min"):
+    for col in ("segments built", "cached", "fallen back to CPU", "bisected", "compiles", "worst rel_l2"):
         table.add_column(col, justify="right")
-    cmin = report.cosine_min
+    worst = report.worst
     table.add_row(str(report.count("built")), str(report.count("cached")), str(report.count("fallback")),
                   str(report.count("bisected")), str(report.compiles),
-                  "-" if cmin is None else f"{cmin:.6f}")
+                  "-" if worst is None else f"{worst[1]['rel_l2']:.2e} ({worst[0]}: {worst[1].get('worst_output')})")
     console.print(table)
+    mixed = report.precisions
+    if len(mixed) > 1:
+        console.print("precision per segment: " + ", ".join(f"{n} {p}" for p, n in sorted(mixed.items()))
+                      + " (segments that lost too much as w8a8 were built fp16; see precision_reason in the manifest)")
     for r in report.results:
         if r.status == "fallback":
             console.print(f"[yellow]fallback[/yellow] {r.id}: {r.reason}")
+    check = report.verify_model
+    if check and "error" not in check:
+        console.print(f"whole model ({check['tokens']} tokens, simulator vs onnxruntime fp32): logits cosine min "
+                      f"{check['logits_cosine_min']:.6f}, argmax agrees on {100 * check['argmax_agree']:.1f}%",
+                      soft_wrap=True)
     for w in report.warnings:
-        console.print(f"[yellow]warning[/yellow] {w}")
+        console.print(f"[yellow]warning[/yellow] {w}", soft_wrap=True)
     if args.no_verify:
         console.print("[yellow]warning[/yellow] --no-verify: the compiled segments were not checked")
     manifest = args.out if args.out.endswith(".json") else os.path.join(args.out, MANIFEST_NAME)

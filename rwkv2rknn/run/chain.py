@@ -63,7 +63,8 @@ def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int = 0,
             return OrtRunner(onnx_path, ins, outs, threads=threads)
         if backend == "rknn-sim":
             return RknnSimRunner(onnx_path, ins, outs, target=manifest.target,
-                                 precision=seg.get("precision", "fp16"), dataset=seg.get("dataset"))
+                                 precision=seg.get("precision", "fp16"),
+                                 calib=str(manifest.resolve(seg["calib"])) if seg.get("calib") else None)
         if "rknn" not in seg:
             raise UserError(f"{manifest.path}: npu segment {seg['id']} has no .rknn file; run `rwkv2rknn build "
                             f"{manifest.root}`, or use --backend ort")

@@ -8,6 +8,7 @@ RknnLiteRunner runs a .rknn on the board through rknn-toolkit-lite2.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 
 import numpy as np
@@ -166,23 +167,29 @@ class RknnSimRunner(Runner):
     name = "rknn-sim"
 
     def __init__(self, onnx_path, input_names: list[str], output_names: list[str], target: str = "rk3588",
-                 precision: str = "fp16", dataset: str | None = None):
+                 precision: str = "fp16", calib: str | None = None):
         super().__init__()
         self.onnx_path = str(onnx_path)
         self.input_names, self.output_names = list(input_names), list(output_names)
-        self.target, self.precision, self.dataset = target, precision, dataset
+        self.target, self.precision, self.calib = target, precision, calib
         self.rknn = None
 
     def _activate(self):
         from rwkv2rknn.compile_worker import compile_segment
 
-        key = (os.path.realpath(self.onnx_path), self.target, self.precision, self.dataset)
+        key = (os.path.realpath(self.onnx_path), self.target, self.precision, self.calib)
         rknn = _SIM_CACHE.get(key)
         if rknn is None:
+            if self.precision != "fp16" and self.calib is None:
+                raise UserError(f"{self.onnx_path}: a {self.precision} segment without its calibration data; "
+                                "run `rwkv2rknn build` again (it records the data), or use --backend ort")
             try:
-                with quiet_fds():
+                with quiet_fds(), tempfile.TemporaryDirectory(prefix="rwkv2rknn-calib-") as tmp:
+                    dataset = _dataset_from(self.calib, self.input_names, tmp) if self.calib else None
                     rknn = compile_segment(self.onnx_path, target=self.target, precision=self.precision,
-                                           dataset=self.dataset, for_simulator=True)
+                                           dataset=dataset, for_simulator=True)
+            except UserError:
+                raise
             except Exception as exc:
                 raise UserError(f"{self.onnx_path}: the RKNN simulator could not build it ({exc}); run "
                                 "`rwkv2rknn build` to see why, or use --backend ort") from None
@@ -204,6 +211,17 @@ class RknnSimRunner(Runner):
 
     def _deactivate(self):
         self.rknn = None  # the cached object stays alive for the process
+
+
+def _dataset_from(calib_npz, order: list[str], directory) -> str:
+    """The toolkit's dataset.txt from the calibration samples a build recorded beside the segment."""
+    from rwkv2rknn.compile_worker import load_samples, write_dataset
+
+    try:
+        samples = load_samples(calib_npz)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{calib_npz}: cannot read the calibration data ({exc}); run `rwkv2rknn build` again") from None
+    return str(write_dataset(directory, samples, order))
 
 
 def rknnlite_available() -> bool:
