@@ -176,7 +176,7 @@ def _svg(graph: dict, lanes: list[_Lane], reasons: dict[str, str]) -> str:
                  ((f"MatMul {int(seg.get('matmul_flops', 0)) / 1e6:.3g} MFLOP · "
                   f"in {_human_bytes(sum(_nbytes(t) for t in seg['inputs']))}"), "normal", 10, "#333")]
         if v:
-            lines.append((f"verify cos {v['cosine']:.6f}", "normal", 10, "#333"))
+            lines.append((f"verify {verify_text(v)}", "normal", 10, "#333"))
         if seg.get("fallback_reason"):
             lines.append((f"fallback: {seg['fallback_reason'][:26]}…", "normal", 10, COLORS["fallback"]))
         if lane.missing:
@@ -259,16 +259,27 @@ def totals(manifest: Manifest) -> dict:
             "flops": flops, "npu_flops": npu_flops}
 
 
+def _badness(v: dict) -> float:
+    return v["rel_l2"] if "rel_l2" in v else 1.0 - v.get("cosine", 1.0)
+
+
+def verify_text(v: dict) -> str:
+    """rel_l2 first (cosine is noise on near-zero outputs); manifests from older builds carry cosine only."""
+    if "rel_l2" in v:
+        return f"rel_l2 {v['rel_l2']:.2e} (cos {v['cosine']:.6f})"
+    return f"cos {v['cosine']:.6f}"
+
+
 def _graph_row(graph: dict) -> dict:
     segs = graph["segments"]
     flops = sum(int(s.get("matmul_flops", 0)) for s in segs)
     npu = [s for s in segs if s["backend"] == "npu"]
     npu_flops = sum(int(s.get("matmul_flops", 0)) for s in npu)
-    cos = [s["verify"]["cosine"] for s in npu if s.get("verify")]
+    verified = [s["verify"] for s in npu if s.get("verify")]
     return {"npu": len(npu), "cpu": len(segs) - len(npu), "flops": flops,
             "share": npu_flops / flops if flops else None,
             "crossing": sum(_nbytes(t) for s in npu for t in s["inputs"] + s["outputs"]),
-            "cos_min": min(cos) if cos else None,
+            "worst": max(verified, key=_badness) if verified else None,
             "fallbacks": sum(1 for s in segs if s.get("fallback_reason"))}
 
 
@@ -326,11 +337,11 @@ def render_report(manifest_path: str | Path) -> str:
     out.append("<h2>graphs</h2><p><button onclick='setAll(true)'>expand all</button>"
                "<button onclick='setAll(false)'>collapse all</button></p>")
     out.append("<table><tr><th>graph</th><th>NPU segs</th><th>CPU segs</th><th>MatMul MFLOP</th>"
-               "<th>on NPU</th><th>NPU&harr;CPU bytes</th><th>verify cosine min</th><th>fallbacks</th></tr>")
+               "<th>on NPU</th><th>NPU&harr;CPU bytes</th><th>verify (worst segment)</th><th>fallbacks</th></tr>")
     for g in manifest.graphs:
         r = _graph_row(g)
         share = f"{100 * r['share']:.1f}%" if r["share"] is not None else "-"
-        cos = f"{r['cos_min']:.6f}" if r["cos_min"] is not None else "-"
+        cos = verify_text(r["worst"]) if r["worst"] is not None else "-"
         fb = f"<span class='warn'>{r['fallbacks']}</span>" if r["fallbacks"] else "0"
         out.append(f"<tr><td><a href='#{_anchor(g['name'])}'>{esc(g['name'])}</a></td>"
                    f"<td class='num'>{r['npu']}</td><td class='num'>{r['cpu']}</td>"
@@ -343,17 +354,17 @@ def render_report(manifest_path: str | Path) -> str:
         r = _graph_row(graph)
         open_attr = " open" if _open_by_default(names, gi) else ""
         fell_back = f", {r['fallbacks']} fell back" if r["fallbacks"] else ""
-        if r["cos_min"] is not None:
-            fell_back += f"; verify cosine &ge; {r['cos_min']:.6f}"
+        if r["worst"] is not None:
+            fell_back += f"; worst verify {verify_text(r['worst'])}"
         out.append(f"<details class='graph' id='{_anchor(graph['name'])}'{open_attr}><summary>"
                    f"{esc(graph['name'])}: {r['npu']} NPU / {r['cpu']} CPU segments"
                    f"{fell_back}</summary>")
         out.append("<table><tr><th>segment</th><th>backend</th><th>nodes</th><th>MatMul MFLOP</th>"
-                   "<th>files</th><th>inputs</th><th>outputs</th><th>verify cosine / max abs</th>"
+                   "<th>files</th><th>inputs</th><th>outputs</th><th>verify rel_l2 (cosine) / max abs</th>"
                    "<th>fallback reason</th></tr>")
         for s in segs:
             v = s.get("verify")
-            ver = f"{v['cosine']:.6f} / {v['max_abs']:.3g}" if v else "-"
+            ver = f"{verify_text(v)} / {v['max_abs']:.3g}" if v else "-"
             kind = _kind(s)
             io = ["<br>".join(f"<span class='t'><code>{esc(t['name'])}</code> {t['shape']}</span>" for t in s[k])
                   for k in ("inputs", "outputs")]

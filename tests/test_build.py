@@ -224,3 +224,49 @@ def test_w8a8_split_model_with_calib_text(tmp_path, tmp_path_factory):
     ids.write_text("1 2 3 40 50 60")
     again = build_manifest(tmp_path / "out", precision="w8a8", calib=str(ids), progress=False)
     assert again.compiles == report.count("built")  # a new calibration set is a new build key
+
+
+def test_fp16_build_records_rel_l2_and_the_whole_model_check(tmp_path, tmp_path_factory, capsys):
+    mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
+    assert main(["build", str(tmp_path / "out"), "-q"]) == 0
+    out = capsys.readouterr().out
+    m = _npu_checked(mpath)
+    for _, s in m.segments():
+        if s["backend"] == "npu":
+            assert 0 <= s["verify"]["rel_l2"] <= 1e-2, s["verify"]
+            assert s["verify"]["worst_output"] in {t["name"] for t in s["outputs"]}
+    check = m.data["build"]["verify_model"]
+    assert check["tokens"] >= 16 and check["logits_cosine_min"] >= 0.999 and check["argmax_agree"] >= 0.9
+    assert "whole model (" in out and "worst rel_l2" in out and "warning" not in out
+    # nothing changed: the check is not run again
+    first = dict(check)
+    assert main(["build", str(tmp_path / "out"), "-q"]) == 0
+    assert Manifest.load(mpath).data["build"]["verify_model"] == first
+
+
+def test_w8a8_build_runs_in_the_simulator_and_falls_back_to_fp16_per_segment(tmp_path, tmp_path_factory):
+    from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.run.chain import Chain, runner_factory
+
+    mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
+    reference = _logits(mpath)
+    report = build_manifest(tmp_path / "out", precision="w8a8", progress=False, verify_model=False)
+    m = Manifest.load(mpath)
+    npu = [s for _, s in m.segments() if s["backend"] == "npu"]
+    assert report.count("built") == len(npu)
+    for s in npu:
+        if s["precision"] == "w8a8":
+            assert (m.root / s["calib"]).is_file() and s["verify"]["rel_l2"] <= 0.05
+        else:  # fell back to fp16 because w8a8 lost too much: says why
+            assert "built fp16 instead" in s["precision_reason"]
+    with Chain(m, runner_factory(m, "rknn-sim")) as chain:  # needed the recorded calibration data
+        got = np.stack([chain.step(t).copy() for t in (1, 50, 200, 7)])
+    for g, r in zip(got, reference):
+        assert float(g @ r / np.linalg.norm(g) / np.linalg.norm(r)) >= 0.99
+
+    # A limit no w8a8 segment meets: every segment is built fp16, with the reason recorded.
+    build_manifest(tmp_path / "out", precision="w8a8", progress=False, verify_model=False, max_rel_l2=1e-9)
+    m = Manifest.load(mpath)
+    for _, s in m.segments():
+        if s["backend"] == "npu":
+            assert s["precision"] == "fp16" and "rel_l2" in s["precision_reason"] and "calib" not in s

@@ -139,11 +139,12 @@ def _check_inputs(path: Path, m: Manifest) -> None:
 def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", precision: str = "fp16",
                    calib: str | None = None, jobs: int | None = None, verify: bool = True,
                    timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
-                   verify_model: bool = True) -> BuildReport:
+                   verify_model: bool = True, max_rel_l2: float | None = None) -> BuildReport:
     """Compile every NPU segment of OUT/manifest.json into OUT/rknn/<id>.rknn and record it in the manifest.
 
     Each built segment is verified in the simulator on real activations; a whole model is then run
-    on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`).
+    on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`). With w8a8, a
+    segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16.
     """
     t0 = time.perf_counter()
     if target not in RKNN_TARGETS:
@@ -174,9 +175,11 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         calib_ids = text_ids if precision == "w8a8" else None
         calib_sha = hashlib.sha256(json.dumps(calib_ids).encode()).hexdigest() if calib_ids is not None else None
 
+        if max_rel_l2 is None:
+            max_rel_l2 = WARN_REL_L2.get(precision)
         todo: list[tuple[dict, dict]] = []
         for g, seg in m.segments():
-            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, precision, calib_sha)
+            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, precision, calib_sha, max_rel_l2)
             if seg["backend"] == "cpu":
                 if "fallback_reason" not in seg:
                     continue
@@ -200,7 +203,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         if todo:
             tasks = _tasks(m, todo, verify, calib_ids)
             builder = Builder(saved, m, target, precision, toolkit, calib_sha, verify, timeout,
-                              jobs or os.cpu_count() or 1, progress, report.results)
+                              jobs or os.cpu_count() or 1, progress, report.results, max_rel_l2)
             try:
                 builder.run(tasks)
             finally:

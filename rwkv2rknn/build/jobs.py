@@ -29,9 +29,12 @@ BUILD_KEYS = ("rknn", "rknn_sha256", "toolkit", "precision", "precision_reason",
               "fallback_reason", "calib", "calib_sha256", "compiler")
 
 
-def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sha: str | None) -> str:
-    """The cache key of one compile: what went in (ONNX, toolkit, target, precision, calibration)."""
-    parts = [onnx_sha, toolkit, target, precision] + ([calib_sha or ""] if precision == "w8a8" else [])
+def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sha: str | None,
+              max_rel_l2: float | None = None) -> str:
+    """The cache key of one compile: what went in (ONNX, toolkit, target, precision, calibration, fp16 bound)."""
+    parts = [onnx_sha, toolkit, target, precision]
+    if precision == "w8a8":
+        parts += [calib_sha or "", repr(max_rel_l2)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -81,12 +84,14 @@ class Builder:
     """Runs compile tasks on a thread pool, each in its own child process, and records their results."""
 
     def __init__(self, save, manifest: Manifest, target: str, precision: str, toolkit: str, calib_sha: str | None,
-                 verify: bool, timeout: float, jobs: int, progress: bool, results: list):
+                 verify: bool, timeout: float, jobs: int, progress: bool, results: list,
+                 max_rel_l2: float | None = None):
         self.save = save
         self.m = manifest
         self.target, self.precision, self.toolkit = target, precision, toolkit
         self.calib_sha, self.verify, self.timeout, self.jobs = calib_sha, verify, timeout, jobs
         self.progress, self.results = progress, results
+        self.max_rel_l2 = WARN_REL_L2.get(precision) if max_rel_l2 is None else max_rel_l2
         self.compiles = 0  # child compiler processes started
         self.rknn_dir = (manifest.root / "rknn").resolve()
         self.log_dir = self.rknn_dir / ".logs"
@@ -97,7 +102,7 @@ class Builder:
 
     def key(self, entry: dict) -> str:
         return build_key(sha256_file(self.m.resolve(entry["onnx"])), self.toolkit, self.target,
-                         self.precision, self.calib_sha)
+                         self.precision, self.calib_sha, self.max_rel_l2)
 
     # child processes --------------------------------------------------------------------------
     def _spawn_env(self) -> dict:
@@ -131,7 +136,7 @@ class Builder:
                 save_samples(job["verify_inputs"], task.samples)
             if self.precision == "w8a8":
                 job["dataset"] = str(write_dataset(self.work / f"{tag}.calib", task.calib, order))
-                job["max_rel_l2"] = WARN_REL_L2[self.precision]
+                job["max_rel_l2"] = self.max_rel_l2
         except Exception as exc:  # noqa: BLE001
             return {"ok": False, "reason": f"could not prepare inputs: {exc}", "seconds": 0.0}
         job_path = self.work / f"{tag}.job.json"

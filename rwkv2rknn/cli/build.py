@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--calib", metavar="FILE",
                    help="text (or a file of token ids) to calibrate w8a8 with and to check the whole model on "
                    "(default: a built-in text)")
+    p.add_argument("--w8a8-max-rel-l2", type=float, default=None, metavar="X",
+                   help="with w8a8: a segment whose simulator rel_l2 exceeds X is built fp16 instead "
+                   "(default 0.05; inf keeps every segment w8a8)")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help=f"compiles in parallel (default: CPU count, {os.cpu_count()})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -50,7 +53,7 @@ def run(args) -> int:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
     report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
                             jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
-                            progress=not args.quiet and sys.stderr.isatty())
+                            progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2)
     print_summary(Console(highlight=False), report, args)
     return 0
 
