@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, SHAPES, export_shape, save_results
+from rwkv2rknn import policies
 
-POLICIES = ("matmul", "fused", "layer")
+POLICIES = [p.name for p in policies.concrete()]
 
 
 def measure(model_dir: Path, policy: str) -> dict:

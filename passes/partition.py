@@ -8,7 +8,8 @@ import onnx_graphsurgeon as gs
 
 from passes.stats import matmul_flops
 
-POLICIES = ("fused", "matmul", "layer")
+# Segmenting strategies (the user-facing policy registry, with help texts, is rwkv2rknn/policies.py).
+POLICIES = ("cpu", "matmul", "fused", "layer")
 # An NPU call costs ~0.1-0.2 ms of driver overhead (seed: a 1024x1024 M=1 MatMul lost to the CPU).
 # Runs below this many MatMul FLOPs go back to the CPU. A placeholder until board timings exist.
 DEFAULT_MIN_NPU_FLOPS = 1 << 16
@@ -80,12 +81,15 @@ def _mmcount(nodes):
 
 def propose_segments(graph: gs.Graph, placement: dict, policy: str = "fused",
                      min_npu_flops: int = DEFAULT_MIN_NPU_FLOPS) -> list:
-    """Segments in execution order under `policy` ("fused" | "matmul" | "layer")."""
+    """Segments in execution order under `policy` ("cpu" | "matmul" | "fused" | "layer")."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     nodes = list(graph.nodes)
     if not nodes:
         return []
+    if policy == "cpu":
+        order = [nodes[i] for _, run in _sweep(nodes, ["cpu"] * len(nodes)) for i in run]
+        return [Segment("cpu", order, "cpu policy: no NPU (the baseline every plan is measured against)")]
     if policy == "layer":
         order = [nodes[i] for _, run in _sweep(nodes, ["npu"] * len(nodes)) for i in run]
         if not _mmcount(order):

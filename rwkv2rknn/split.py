@@ -18,13 +18,12 @@ from passes.cut import extract_segments
 from passes.partition import DEFAULT_MIN_NPU_FLOPS, propose_segments
 from passes.pipeline import normalize
 from passes.placement import TARGETS, place
-from rwkv2rknn import __version__
+from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 
-POLICIES = ("fused", "matmul", "layer")
 PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
 
 
@@ -143,6 +142,8 @@ def _moved_reason(node, seg, policy: str) -> str:
                 "too few to pay for an NPU call; runs on the CPU")
     if seg.backend == "cpu" and policy == "matmul":
         return f"{node.op}: NPU-capable, but the matmul policy sends only MatMuls to the NPU"
+    if seg.backend == "cpu" and policy == "cpu":
+        return f"{node.op}: NPU-capable, but the cpu policy uses no NPU"
     return f"{node.op}: {seg.reason}"
 
 
@@ -183,7 +184,7 @@ def _model_loop(model: RwkvModel, policy: str, npu_all: bool) -> dict:
     links.append({"from": {"graph": names[-2], "name": "output"}, "to": {"graph": "head", "name": "x"}})
     # -1e30 overflows float16: it is only safe while the recurrence stays fp32 on the CPU. Starting
     # pp at 0 gives the same outputs because aa = bb = 0 (shared/docs/llama-onnx-rwkv4.md).
-    fp32_recurrence = model.float_dtype == "float32" and policy != "layer" and not npu_all
+    fp32_recurrence = model.float_dtype == "float32" and not (policies.get(policy).npu_all or npu_all)
     rows = {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
     state = [{"graph": f"mixing_{i}", "input": "state_in", "output": "state_out",
               "shape": [model.state_rows, model.n_embd], "dtype": "float32",
@@ -199,8 +200,8 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
                 force: bool = False, preview: bool = False, progress: bool = True) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview)."""
-    if policy not in POLICIES:
-        raise UserError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if policy not in policies.names():
+        raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     shapes = shapes or {}

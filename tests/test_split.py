@@ -58,7 +58,7 @@ def _assert_chain_matches_sources(out: Path, n_feeds: int = 3) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("policy", ["fused", "matmul", "layer"])
+@pytest.mark.parametrize("policy", ["fused", "matmul", "layer", "cpu"])
 def test_split_model_reproduces_every_graph(model_factory, tmp_path, dtype, policy):
     # 128 wide: at 64 the att MatMuls are too small to pay for an NPU call and fold back to the CPU
     model = model_factory(dtype=dtype, embd=128)
@@ -71,6 +71,8 @@ def test_split_model_reproduces_every_graph(model_factory, tmp_path, dtype, poli
         assert all(r.npu_share >= 0.99 for r in mixing)
     elif policy == "matmul":
         assert all(r.npu_segments == 7 for r in mixing)
+    elif policy == "cpu":
+        assert all(r.npu_segments == 0 and r.cpu_segments == 1 for r in reports)
     else:
         assert all(r.npu_segments == 1 and r.cpu_segments == 0 for r in mixing)
 

@@ -8,6 +8,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from rwkv2rknn import policies
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
 
 
@@ -22,9 +23,7 @@ def register(sub) -> None:
     )
     p.add_argument("model", nargs="+", metavar="MODEL", help="model directory or .onnx file(s)")
     p.add_argument("-o", "--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    p.add_argument("--policy", default="fused", choices=["fused", "matmul", "layer"],
-                   help="fused: few maximal NPU regions (default); matmul: each MatMul alone "
-                   "(the 2023 baseline); layer: whole graphs on the NPU")
+    p.add_argument("--policy", default="fused", choices=policies.names(), help=policies.help_text())
     p.add_argument("--target", default="rk3588", help="rknn-toolkit2 target platform (default: rk3588)")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")

@@ -1,0 +1,47 @@
+"""The partition policies, in one registry: the CLI's choices, the benchmarks and the docs read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    help: str
+    segmenter: str | None  # passes.partition strategy; None: the driver composes other policies (auto)
+    npu_all: bool = False  # True: the fp32 precision rule is off (the NPU takes the recurrence)
+    groups_layers: bool = False  # True: consecutive layer graphs merge into one graph first (deep)
+
+
+_REGISTRY: dict[str, Policy] = {}
+
+
+def register(policy: Policy) -> Policy:
+    if policy.name in _REGISTRY:
+        raise ValueError(f"policy {policy.name!r} is registered twice")
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def get(name: str) -> Policy:
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def concrete() -> list[Policy]:
+    """Policies that produce a plan by themselves (auto chooses among these)."""
+    return [p for p in _REGISTRY.values() if p.segmenter is not None]
+
+
+def help_text() -> str:
+    return "; ".join(f"{p.name}: {p.help}" for p in _REGISTRY.values())
+
+
+register(Policy("fused", "maximal NPU regions around the MatMuls, the recurrence fp32 on the CPU (default)", "fused"))
+register(Policy("matmul", "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)", "matmul"))
+register(Policy("layer", "each whole graph one NPU model; the compiler places ops itself", "layer", npu_all=True))
+register(Policy("cpu", "no NPU at all (the baseline every plan must beat)", "cpu"))
