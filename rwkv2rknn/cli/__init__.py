@@ -12,7 +12,7 @@ from rwkv2rknn.manifest import DEFAULT_OUT  # noqa: F401  (re-exported: split wr
 
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`,
 # which adds its parser and sets `func` to a callable taking the parsed args.
-SUBCOMMANDS = ["export", "split", "build", "report", "doctor"]
+SUBCOMMANDS = ["export", "split", "build", "estimate", "report", "doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:
