@@ -45,3 +45,4 @@ register(Policy("fused", "maximal NPU regions around the MatMuls, the recurrence
 register(Policy("matmul", "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)", "matmul"))
 register(Policy("layer", "each whole graph one NPU model; the compiler places ops itself", "layer", npu_all=True))
 register(Policy("cpu", "no NPU at all (the baseline every plan must beat)", "cpu"))
+register(Policy("auto", "per graph, the plan with the lowest predicted time on the --board among the others", None))

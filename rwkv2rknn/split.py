@@ -14,15 +14,16 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from passes.cut import extract_segments
-from passes.partition import DEFAULT_MIN_NPU_FLOPS, propose_segments
+from passes.partition import DEFAULT_MIN_NPU_FLOPS
 from passes.pipeline import normalize
-from passes.placement import TARGETS, place
+from passes.placement import TARGETS
 from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
+from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
+from rwkv2rknn.planner import choose_plan, plan_graph
 
 PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
 
@@ -38,6 +39,8 @@ class GraphReport:
     npu_matmul_flops: int = 0
     crossing_bytes: int = 0
     placement: list[dict] = field(default_factory=list)
+    policy: str = ""
+    predicted_ms: float = 0.0  # per token on the split's board profile (a prediction)
 
     @property
     def npu_share(self) -> float:
@@ -93,16 +96,19 @@ def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
 
 
 def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shapes: dict,
-                 seg_dir: Path | None, root: Path | None) -> tuple[dict, GraphReport]:
+                 seg_dir: Path | None, root: Path | None, profile) -> tuple[dict, GraphReport]:
     graph = _normalized(src, shapes)
-    placement = place(graph, target=target, npu_all=npu_all)
-    segments = propose_segments(graph, placement, policy=policy)
+    auto = None
     try:
-        cuts = extract_segments(graph, segments)
+        if policy == "auto":
+            plan, auto = choose_plan(graph, target, npu_all, profile)
+        else:
+            plan = plan_graph(graph, policy, target, npu_all, profile)
     except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
         raise UserError(f"{src.path}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
-    report = GraphReport(src.name)
+    placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
+    report = GraphReport(src.name, policy=policy, predicted_ms=plan.ms)
     seg_entries = []
     for i, (seg, cut) in enumerate(zip(segments, cuts)):
         sid = f"{src.name}.s{i}"
@@ -120,7 +126,9 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
             report.cpu_segments += 1
         entry = {"id": sid, "backend": cut.backend, "onnx": f"segments/{sid}.onnx",
                  "inputs": _io_specs(cut.inputs), "outputs": _io_specs(cut.outputs),
-                 "nodes": cut.nodes, "matmul_flops": int(cut.matmul_flops)}
+                 "nodes": cut.nodes, "matmul_flops": int(cut.matmul_flops), "cost": plan.features[i]}
+        if plan.prices[i].core_mask is not None:  # the board runner's default, from the prediction
+            entry["core_mask"] = plan.prices[i].core_mask
         if seg_dir is not None:
             path = seg_dir / f"{sid}.onnx"
             onnx.save(cut.model, str(path))
@@ -129,9 +137,11 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
     source = {"path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),
               "sha256": sha256_file(src.path),
               "dtype": _source_float_dtype(src.model)}
-    entry = {"name": src.name, "source": source,
+    entry = {"name": src.name, "source": source, "policy": policy,
              "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
              "segments": seg_entries, "placement": report.placement}
+    if auto is not None:
+        entry["auto"] = auto
     return entry, report
 
 
@@ -177,18 +187,20 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _model_loop(model: RwkvModel, policy: str, npu_all: bool) -> dict:
+def _model_loop(model: RwkvModel, graph_policy: dict[str, str], npu_all: bool) -> dict:
     names = [g.name for g in model.graphs]
     links = [{"from": {"graph": a, "name": "output"}, "to": {"graph": b, "name": "input"}}
              for a, b in zip(names[:-2], names[1:-1])]
     links.append({"from": {"graph": names[-2], "name": "output"}, "to": {"graph": "head", "name": "x"}})
     # -1e30 overflows float16: it is only safe while the recurrence stays fp32 on the CPU. Starting
     # pp at 0 gives the same outputs because aa = bb = 0 (shared/docs/llama-onnx-rwkv4.md).
-    fp32_recurrence = model.float_dtype == "float32" and not (policies.get(policy).npu_all or npu_all)
-    rows = {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
+    def init_rows(graph: str) -> dict:
+        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[graph]).npu_all or npu_all)
+        return {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
+
     state = [{"graph": f"mixing_{i}", "input": "state_in", "output": "state_out",
               "shape": [model.state_rows, model.n_embd], "dtype": "float32",
-              "init": {"fill": 0.0, "rows": rows}} for i in range(model.n_layer)]
+              "init": {"fill": 0.0, "rows": init_rows(f"mixing_{i}")}} for i in range(model.n_layer)]
     return {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),
             "token_input": {"graph": "embed", "name": "token"},
@@ -198,13 +210,19 @@ def _model_loop(model: RwkvModel, policy: str, npu_all: bool) -> dict:
 
 def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
                 target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
-                force: bool = False, preview: bool = False, progress: bool = True) -> tuple[dict, list[GraphReport]]:
-    """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview)."""
+                force: bool = False, preview: bool = False, progress: bool = True,
+                board: str = DEFAULT_PROFILE) -> tuple[dict, list[GraphReport]]:
+    """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
+
+    Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
+    segment carries its cost features; `board` prices the plans (the `auto` policy chooses by it).
+    """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     shapes = shapes or {}
+    profile = load_profile(board)
     sources, model = load_sources(paths)
     if model is not None and model.tokenizer_file is not None:
         _check_tokenizer(model)
@@ -222,7 +240,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         for src in bar:
             bar.set_postfix_str(src.name)
             entry, report = _split_graph(src, policy, target, npu_all, shapes, seg_dir,
-                                         out_dir if stage is not None else None)
+                                         out_dir if stage is not None else None, profile)
             src.release()  # let the source weights go before the next graph loads its own
             entries.append(entry)
             reports.append(report)
@@ -230,16 +248,20 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         if unused:  # a typo in --shape must not pass silently
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
-    data = None
+    def manifest_data() -> dict:
+        chosen = {e["name"]: e["policy"] for e in entries}
+        return {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
+                "graphs": entries, "model": _model_loop(model, chosen, npu_all) if model else None}
+
     if preview:
         run(None)
+        data = manifest_data()
     else:
         with staged_directory(out_dir, force=force) as stage:
             run(stage)
-            data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "target": target, "policy": policy, "npu_all": npu_all,
-                    "graphs": entries, "model": _model_loop(model, policy, npu_all) if model else None}
+            data = manifest_data()
             if model is not None and model.tokenizer_file is not None:
                 shutil.copyfile(model.tokenizer_file, stage / "tokenizer.json")
             validate(data, out_dir / MANIFEST_NAME)

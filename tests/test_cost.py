@@ -618,10 +618,33 @@ def test_backtest_2023_attempt_matmul_policy_430m(plan430_matmul):
     assert e.breakdown["npu_call"] > e.breakdown["npu_stream"]  # the diagnosis: too many small calls
 
 
-def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul):
+def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul, model_factory):
     e = estimate(plan430_matmul, load_profile("rk3588"), all_cpu=True)
     assert e.npu_calls_per_token == 0 and e.cpu_calls_per_token == 26
     assert within(e.decode_ms_per_token, PUBLISHED_RWKV_CPP_MS, 1.5), e.decode_ms_per_token
+    # the same through the policy a user picks: split --policy cpu
+    m2 = model_factory(layers=2, embd=1024, vocab=50277)
+    plan = repeat_layers(features_plan([m2], policy="cpu"), 24)
+    c = estimate(plan, load_profile("rk3588"))
+    assert c.npu_calls_per_token == 0 and c.cpu_calls_per_token == 26
+    assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-4)
+
+
+def test_auto_is_never_predicted_worse_than_any_single_policy_430m(model_factory):
+    from rwkv2rknn import policies
+
+    m2 = model_factory(layers=2, embd=1024, vocab=50277)
+    board = load_profile("rk3588")
+    auto = features_plan([m2], policy="auto")
+    got = estimate(auto, board).decode_ms_per_token
+    for p in policies.concrete():
+        other = estimate(features_plan([m2], policy=p.name), board).decode_ms_per_token
+        assert got <= other + 1e-9, (p.name, got, other)
+    for g in auto["graphs"]:
+        rec = g["auto"]
+        assert rec["chosen"] == g["policy"] and rec["runner_up"]["policy"] != rec["chosen"]
+        assert rec["predicted_ms"] == min(rec["candidates"].values())
+        assert rec["reason"].startswith("lowest predicted time")
 
 
 @pytest.mark.slow

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--policy", default="fused", choices=policies.names(), help=policies.help_text())
     p.add_argument("--target", default="rk3588", help="rknn-toolkit2 target platform (default: rk3588)")
+    p.add_argument("--board", default="rk3588", metavar="NAME|FILE",
+                   help="board profile the predicted times (and --policy auto) use: rk3588 (default), rk3588-2023, "
+                   "or a .toml file (e.g. from board calibration)")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
@@ -42,7 +45,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
-                                preview=args.preview, progress=not args.quiet)
+                                preview=args.preview, progress=not args.quiet, board=args.board)
     if args.preview:
         for rep in reports:
             table = Table(title=f"{rep.name}: placement", title_justify="left")
@@ -51,7 +54,8 @@ def run(args) -> int:
             for row in rep.placement:
                 table.add_row(row["node"], row["op"], row["segment"], row["backend"], row["reason"])
             console.print(table)
-    print_summary(console, reports)
+    print_summary(console, reports, auto=args.policy == "auto")
+    print_prediction(console, data, args.board)
     if not args.preview:
         n_segments = sum(r.npu_segments + r.cpu_segments for r in reports)
         console.print(f"wrote {os.path.join(args.out, MANIFEST_NAME)} ({n_segments} "
@@ -61,21 +65,41 @@ def run(args) -> int:
     return 0
 
 
-def print_summary(console, reports) -> None:
+def print_summary(console, reports, auto: bool = False) -> None:
     table = Table(title="split summary (per token)", title_justify="left")
-    for col in ("graph", "npu segs", "cpu segs", "MatMul GFLOP", "on NPU", "NPU<->CPU bytes"):
-        table.add_column(col, justify="right" if col != "graph" else "left")
+    cols = ["graph"] + (["policy"] if auto else []) + ["npu segs", "cpu segs", "MatMul GFLOP", "on NPU",
+                                                       "NPU<->CPU bytes", "predicted ms"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("graph", "policy") else "right")
     tot_flops = tot_npu = tot_bytes = tot_n = tot_c = 0
+    tot_ms = 0.0
     for r in reports:
-        table.add_row(r.name, str(r.npu_segments), str(r.cpu_segments), f"{r.matmul_flops / 1e9:.4f}",
-                      f"{100 * r.npu_share:.1f}%", f"{r.crossing_bytes:,}")
+        table.add_row(r.name, *([r.policy] if auto else []), str(r.npu_segments), str(r.cpu_segments),
+                      f"{r.matmul_flops / 1e9:.4f}", f"{100 * r.npu_share:.1f}%", f"{r.crossing_bytes:,}",
+                      f"{r.predicted_ms:.3f}")
         tot_flops += r.matmul_flops
         tot_npu += r.npu_matmul_flops
         tot_bytes += r.crossing_bytes
         tot_n += r.npu_segments
         tot_c += r.cpu_segments
+        tot_ms += r.predicted_ms
     if len(reports) > 1:
         share = 100 * tot_npu / tot_flops if tot_flops else 0.0
-        table.add_row("total", str(tot_n), str(tot_c), f"{tot_flops / 1e9:.4f}", f"{share:.1f}%",
-                      f"{tot_bytes:,}", style="bold")
+        table.add_row("total", *([""] if auto else []), str(tot_n), str(tot_c), f"{tot_flops / 1e9:.4f}",
+                      f"{share:.1f}%", f"{tot_bytes:,}", f"{tot_ms:.2f}", style="bold")
     console.print(table)
+
+
+def print_prediction(console, data: dict, board: str) -> None:
+    """One line: predicted decode and prefill ms/token on the board, against the CPU-only plan."""
+    from rwkv2rknn.cost.estimate import estimate
+    from rwkv2rknn.cost.profile import load_profile
+
+    profile = load_profile(board)
+    est = estimate(data, profile)
+    cpu = estimate(data, profile, all_cpu=True)
+    verdict = "beats" if est.decode_ms_per_token <= cpu.decode_ms_per_token else "LOSES to"
+    console.print(f"PREDICTED on board profile {profile.name} (not measured): decode {est.decode_ms_per_token:.1f} "
+                  f"ms/token with {est.npu_calls_per_token:g} NPU calls, prefill {est.prefill_ms_per_token:.1f} "
+                  f"ms/token; the plan {verdict} the CPU-only plan ({cpu.decode_ms_per_token:.1f} ms/token). "
+                  "Details: rwkv2rknn estimate", soft_wrap=True)

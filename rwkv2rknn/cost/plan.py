@@ -1,60 +1,29 @@
-"""Features of a split without writing it: the split pipeline in memory, one graph at a time.
+"""Features of a split without writing it (`split --preview` keeps them), and layer repetition for cheap backtests.
 
-`features_plan(paths, policy)` runs the same passes `split` runs (normalize, place, propose_segments,
-extract_segments) and keeps only each segment's features, so `estimate` can price a policy on a 430M-shape
-model without writing its 1.7 GB of segment files. The result is manifest-shaped (graphs -> segments with
-id, backend, inputs, outputs, cost): what `split` would write, minus the files and the placement table.
+`features_plan(paths, policy)` is the manifest-shaped data `split` would write, minus the files: each segment
+with its `cost` features, so `estimate` can price a policy on a 430M-shape model without writing 1.7 GB.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx_graphsurgeon as gs
-
-from rwkv2rknn.cost.features import segment_features
-from rwkv2rknn.errors import UserError
-
-
-def _specs(tensors) -> list[dict]:
-    return [{"name": t.name, "dtype": np.dtype(t.dtype).name, "shape": [int(d) for d in t.shape]} for t in tensors]
-
 
 def features_plan(paths: list[str | Path], policy: str = "fused", target: str = "rk3588", npu_all: bool = False,
-                  shapes: dict | None = None, graphs: list[str] | None = None) -> dict:
+                  shapes: dict | None = None, graphs: list[str] | None = None, board: str = "rk3588") -> dict:
     """Manifest-shaped dict of the split `policy` would make, with `cost` features per segment, no files.
 
-    graphs: only these source graph names (e.g. ["embed", "mixing_0", "head"]); default all.
+    graphs: only these graphs of a model directory (e.g. ["embed", "mixing_0", "head"]); default all.
     """
-    from passes.cut import extract_segments
-    from passes.partition import POLICIES, propose_segments
-    from passes.pipeline import normalize
-    from passes.placement import place
-    from rwkv2rknn.model import load_sources
+    from rwkv2rknn.split import split_model
 
-    if policy not in POLICIES:
-        raise UserError(f"policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    sources, model = load_sources(paths)
-    entries = []
-    for src in sources:
-        if graphs is not None and src.name not in graphs:
-            continue
-        graph = normalize(gs.import_onnx(src.model), shapes or {})
-        segments = propose_segments(graph, place(graph, target=target, npu_all=npu_all), policy=policy)
-        cuts = extract_segments(graph, segments)
-        segs = []
-        for i, cut in enumerate(cuts):
-            sid = f"{src.name}.s{i}"
-            segs.append({"id": sid, "backend": cut.backend, "onnx": f"segments/{sid}.onnx",
-                         "inputs": _specs(cut.inputs), "outputs": _specs(cut.outputs), "nodes": cut.nodes,
-                         "matmul_flops": int(cut.matmul_flops), "cost": segment_features(cut.model, cut.backend)})
-        entries.append({"name": src.name, "inputs": _specs(graph.inputs), "outputs": _specs(graph.outputs),
-                        "segments": segs})
-        src.release()
-    return {"format_version": 1, "target": target, "policy": policy, "npu_all": npu_all, "graphs": entries,
-            "model": {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size}
-            if model is not None else None}
+    if graphs is not None:
+        if len(paths) != 1 or not Path(paths[0]).is_dir():
+            raise ValueError("graphs= selects graphs of one model directory")
+        paths = [Path(paths[0]) / f"{name}.onnx" for name in graphs]
+    data, _ = split_model(paths, policy=policy, target=target, npu_all=npu_all, shapes=shapes, preview=True,
+                          progress=False, board=board)
+    return data
 
 
 def repeat_layers(plan: dict, n_layer: int, template: str | None = None) -> dict:

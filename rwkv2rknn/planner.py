@@ -1,0 +1,62 @@
+"""Plans for one normalized graph: a policy's placement, segments and cuts, priced on a board profile.
+
+`plan_graph` makes one policy's plan; `choose_plan` (the `auto` policy) makes every concrete policy's
+plan and keeps the one with the lowest predicted time, naming the runner-up. Prices are PREDICTIONS
+from the board profile (rwkv2rknn/cost), per token at M=1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from passes.cut import extract_segments
+from passes.partition import propose_segments
+from passes.placement import place
+from rwkv2rknn import policies
+from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
+from rwkv2rknn.cost.features import segment_features
+from rwkv2rknn.cost.profile import BoardProfile
+
+
+@dataclass
+class GraphPlan:
+    policy: str
+    placement: dict
+    segments: list   # passes.partition.Segment
+    cuts: list       # passes.cut.CutSegment
+    features: list   # per cut: rwkv2rknn.cost.features.segment_features
+    prices: list     # per cut: SegmentPrice (one call)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * sum(p.seconds for p in self.prices)
+
+
+def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile) -> GraphPlan:
+    """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut."""
+    pol = policies.get(policy)
+    placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
+    segments = propose_segments(graph, placement, policy=pol.segmenter)
+    cuts = extract_segments(graph, segments)
+    features = [segment_features(c.model, c.backend) for c in cuts]
+    prices: list[SegmentPrice] = [price_segment(f, profile, c.backend) for f, c in zip(features, cuts)]
+    return GraphPlan(policy, placement, segments, cuts, features, prices)
+
+
+def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile) -> tuple[GraphPlan, dict]:
+    """`auto`: every concrete policy's plan, the cheapest kept; (plan, the manifest's `auto` record)."""
+    plans = [plan_graph(graph, p.name, target, npu_all, profile) for p in policies.concrete()]
+    ranked = sorted(plans, key=lambda p: (p.ms, p.policy))
+    best = ranked[0]
+    record = {"chosen": best.policy, "predicted_ms": round(best.ms, 4), "board": profile.name,
+              "candidates": {p.policy: round(p.ms, 4) for p in plans}}
+    if len(ranked) > 1:
+        second = ranked[1]
+        record["runner_up"] = {"policy": second.policy, "predicted_ms": round(second.ms, 4)}
+        record["reason"] = (f"lowest predicted time on {profile.name}: {best.policy} {best.ms:.3f} ms per token, "
+                            f"runner-up {second.policy} {second.ms:.3f} ms")
+    else:
+        record["reason"] = f"the only policy: {best.policy} {best.ms:.3f} ms per token on {profile.name}"
+    return best, record
