@@ -50,6 +50,8 @@ class RKNNLite:
         if not p.exists():
             return -1
         onnx_path = p.parent.parent / "segments" / (p.name[:-len(".rknn")] + ".onnx")
+        if not onnx_path.exists():  # calibration probes keep their ONNX under rknn/probes/
+            onnx_path = p.parent / "probes" / (p.name[:-len(".rknn")] + ".onnx")
         self.sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         self.path = str(p)
         return 0
@@ -76,7 +78,7 @@ class RKNNLite:
 def built(model_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("board") / "out"
     split_model([model_factory(embd=128)], out, progress=False)
-    build_manifest(out, verify=False, progress=False)
+    build_manifest(out, verify=False, progress=False)  # also builds the calibration probes
     fake = tmp_path_factory.mktemp("fake")
     (fake / "rknnlite").mkdir()
     (fake / "rknnlite" / "__init__.py").write_text("")
@@ -129,3 +131,47 @@ def test_board_runtime_failures_are_one_line_errors(built, tmp_path, env, words)
     assert r.returncode == 2
     assert words in r.stderr and ".rknn" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_default_core_mask_is_each_segments_predicted_one(built, tmp_path):
+    import json
+
+    manifest, fake = built
+    data = json.loads(manifest.read_text())
+    want = {str(manifest.parent / s["rknn"]): s["core_mask"] for g in data["graphs"] for s in g["segments"]
+            if s["backend"] == "npu"}
+    assert want and set(want.values()) <= {1, 7}
+    r, events = _run(manifest, fake, tmp_path, "--backend", "rknn-lite")
+    assert r.returncode == 0, r.stderr
+    got = {e["path"]: e["core_mask"] for e in events if e["event"] == "init"}
+    assert got == want
+
+
+def test_calibrate_on_the_stand_in_writes_a_profile_estimate_uses(built, tmp_path):
+    """What a board user runs: the probes and every segment timed, a TOML profile written, then estimate --board.
+    The stand-in computes on the PC, so the figures describe this PC, not a board: the test checks the loop."""
+    import json
+
+    from rwkv2rknn.cost.profile import load_profile
+
+    manifest, fake = built
+    prof = tmp_path / "my-board.toml"
+    r, events = _run(manifest, fake, tmp_path, "--backend", "rknn-lite", "--calibrate", str(prof))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "rwkv2rknn estimate" in r.stdout
+    timed = {Path(e["path"]).name for e in events if e["event"] == "infer"}
+    assert {"probe.add16.rknn", "probe.add262144.rknn", "probe.matmul1024.rknn"} <= timed
+    profile = load_profile(prof)
+    data = json.loads(manifest.read_text())
+    ids = {s["id"] for g in data["graphs"] for s in g["segments"]}
+    assert set(profile.measured_segments) == ids
+    assert "measured on this board" in prof.read_text()
+    est = subprocess.run([sys.executable, "-m", "rwkv2rknn", "estimate", str(manifest), "--board", str(prof),
+                          "--json"], capture_output=True, text=True)
+    assert est.returncode == 0, est.stderr
+    result = json.loads(est.stdout.strip().splitlines()[-1])
+    assert result["measured_ms_per_token"] > 0 and result["board"] == profile.name
+
+    # off the board (ort) it refuses in one line and writes nothing
+    r, _ = _run(manifest, fake, tmp_path, "--backend", "ort", "--calibrate", str(tmp_path / "x.toml"))
+    assert r.returncode == 2 and "rknn-lite" in r.stderr and not (tmp_path / "x.toml").exists()

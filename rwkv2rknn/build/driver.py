@@ -47,6 +47,7 @@ class BuildReport:
     warnings: list = field(default_factory=list)
     wall: float = 0.0
     verify_model: dict | None = None
+    probe_results: list = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -125,6 +126,46 @@ def _is_current(m: Manifest, seg: dict, key: str, verify: bool) -> bool:
     return f.exists() and sha256_file(f) == seg["rknn_sha256"]
 
 
+def _write_probes(m: Manifest) -> list[dict]:
+    """The board-calibration probe models as segment-like entries (files under rknn/probes/)."""
+    import onnx
+
+    from rwkv2rknn.cost.calibrate import probe_models
+
+    d = m.root / "rknn" / "probes"
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, model in probe_models().items():
+        path = d / f"probe.{name}.onnx"
+        onnx.save(model, str(path))
+
+        def spec(v):
+            return {"name": v.name, "dtype": "float32", "shape": [x.dim_value for x in v.type.tensor_type.shape.dim]}
+
+        out.append({"id": f"probe.{name}", "backend": "npu", "onnx": m.relative(path), "sha256": sha256_file(path),
+                    "inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]})
+    return out
+
+
+def _predict_core_masks(m: Manifest) -> None:
+    """The board runner's default core mask per NPU segment: the faster one predicted with the compiler's table."""
+    from rwkv2rknn.cost.estimate import price_segment
+    from rwkv2rknn.cost.profile import load_profile
+
+    try:
+        profile = load_profile(m.data.get("board") or "rk3588")
+    except UserError:
+        profile = load_profile("rk3588")
+    for _, seg in m.segments():
+        if seg["backend"] == "npu" and isinstance(seg.get("cost"), dict) and seg.get("compiler"):
+            try:
+                mask = price_segment(seg["cost"], profile, "npu", 1, seg["compiler"], seg.get("precision", "fp16")).core_mask
+            except (KeyError, TypeError, ValueError):
+                continue  # features of another rwkv2rknn version: keep what split predicted
+            if mask is not None:
+                seg["core_mask"] = mask
+
+
 def _check_inputs(path: Path, m: Manifest) -> None:
     for _, seg in m.segments():
         f = m.resolve(seg["onnx"])
@@ -139,12 +180,14 @@ def _check_inputs(path: Path, m: Manifest) -> None:
 def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", precision: str = "fp16",
                    calib: str | None = None, jobs: int | None = None, verify: bool = True,
                    timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
-                   verify_model: bool = True, max_rel_l2: float | None = None) -> BuildReport:
+                   verify_model: bool = True, max_rel_l2: float | None = None, probes: bool = True) -> BuildReport:
     """Compile every NPU segment of OUT/manifest.json into OUT/rknn/<id>.rknn and record it in the manifest.
 
     Each built segment is verified in the simulator on real activations; a whole model is then run
     on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`). With w8a8, a
     segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16.
+    `probes`: for a whole model, also build the small models `python -m rwkv2rknn.run --calibrate` times on
+    the board (rknn/probe.*.rknn, listed in build.probes).
     """
     t0 = time.perf_counter()
     if target not in RKNN_TARGETS:
@@ -194,9 +237,19 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
             for k in BUILD_KEYS:
                 seg.pop(k, None)
             todo.append((g, seg))
-        previous_check = (m.data.get("build") or {}).get("verify_model")
+        previous = m.data.get("build") or {}
+        previous_check = previous.get("verify_model")
         m.data["build"] = {"target": target, "precision": precision, "toolkit": toolkit,
                            **({"calib_sha256": calib_sha} if calib_sha else {})}
+        probe_todo = []
+        if probes and m.model is not None:
+            m.data["build"]["probes"] = previous.get("probes") or _write_probes(m)
+            for seg in m.data["build"]["probes"]:
+                key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, "fp16", None)
+                if not _is_current(m, seg, key, False):
+                    for k in BUILD_KEYS:
+                        seg.pop(k, None)
+                    probe_todo.append(seg)
         saved = _Saver(m, snapshot)
         saved()  # from here no entry names an .rknn this build will replace
 
@@ -208,6 +261,15 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
                 builder.run(tasks)
             finally:
                 report.compiles = builder.compiles
+        if probe_todo:  # board calibration models: fp16, unverified, not part of the plan
+            holder = {"segments": m.data["build"]["probes"], "placement": []}
+            builder = Builder(saved, m, target, "fp16", toolkit, None, False, timeout,
+                              jobs or os.cpu_count() or 1, progress, report.probe_results)
+            try:
+                builder.run([Task(holder, seg, None, None) for seg in probe_todo])
+            finally:
+                report.compiles += builder.compiles
+        _predict_core_masks(m)
         report.warnings += _segment_warnings(report, precision)
         if verify and verify_model and m.model is not None and text_ids is not None:
             report.verify_model = _check_whole_model(m, saved, text_ids, previous_check, precision, timeout)

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where NPU segments run: ort (CPU), rknn-sim (x86 simulator; compiles every NPU "
                    "segment first, slow), rknn-lite (the board); auto = rknn-lite when available and built, "
                    "else ort. CPU segments always run on onnxruntime")
-    p.add_argument("--core-mask", default="auto", metavar="MASK",
-                   help="rknn-lite NPU cores: auto, 0, 1, 2, 0_1, 0_1_2 (or the number 0,1,2,4,3,7)")
+    p.add_argument("--core-mask", default=None, metavar="MASK",
+                   help="rknn-lite NPU cores: plan (default: each segment's mask from the manifest, the faster one "
+                   "the cost model predicts), auto, 0, 1, 2, 0_1, 0_1_2 (or the number 0,1,2,4,3,7)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     g = p.add_argument_group("text")
     g.add_argument("--prompt", help="text to continue")
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true",
                    help="single-graph manifests: random inputs through the chain and the source graph; "
                    "exit 1 over tolerance")
+    g.add_argument("--calibrate", metavar="FILE.toml",
+                   help="on the board (--backend rknn-lite): time the probe models `build` made and every segment, "
+                   "and write a board profile that `rwkv2rknn estimate --board FILE.toml` uses")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -260,6 +264,10 @@ def _run(args) -> int:
         raise UserError(f"--dump-logits {args.dump_logits}: give a file name ending in .npy")
     if args.json and not args.bench:
         raise UserError("--json goes with --bench")
+    if args.calibrate:
+        from rwkv2rknn.run.board_calibration import run_calibrate
+
+        return run_calibrate(args, manifest)
     model = manifest.model
     if model is None:
         if not (args.check or args.bench):

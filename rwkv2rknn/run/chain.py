@@ -50,9 +50,12 @@ def resolve_backend(manifest: Manifest, backend: str) -> str:
     return backend
 
 
-def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int = 0,
+def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int | None = None,
                    threads: int | None = None) -> Callable[[dict, dict], Runner]:
-    """(graph, segment) -> Runner. CPU segments and fallen-back NPU segments always run on ort."""
+    """(graph, segment) -> Runner. CPU segments and fallen-back NPU segments always run on ort.
+
+    core_mask None: each NPU segment's `core_mask` from the manifest (the faster one predicted), else auto.
+    """
     backend = resolve_backend(manifest, backend)
 
     def make(graph: dict, seg: dict) -> Runner:
@@ -68,7 +71,8 @@ def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int = 0,
         if "rknn" not in seg:
             raise UserError(f"{manifest.path}: npu segment {seg['id']} has no .rknn file; run `rwkv2rknn build "
                             f"{manifest.root}`, or use --backend ort")
-        return RknnLiteRunner(manifest.resolve(seg["rknn"]), ins, outs, core_mask=core_mask)
+        mask = seg.get("core_mask", 0) if core_mask is None else core_mask
+        return RknnLiteRunner(manifest.resolve(seg["rknn"]), ins, outs, core_mask=mask)
 
     make.backend = backend
     return make
@@ -319,7 +323,10 @@ def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str
     return seen
 
 
-def core_mask_value(text: str) -> int:
+def core_mask_value(text: str | None) -> int | None:
+    """--core-mask: a name or number; None (not given) means each segment's mask from the manifest."""
+    if text is None or text == "plan":
+        return None
     if text in CORE_MASKS:
         return CORE_MASKS[text]
     try:
@@ -327,5 +334,5 @@ def core_mask_value(text: str) -> int:
     except ValueError:
         v = -1
     if v not in CORE_MASKS.values():
-        raise UserError(f"--core-mask {text!r}: choose one of {', '.join(CORE_MASKS)} or 0,1,2,3,4,7")
+        raise UserError(f"--core-mask {text!r}: choose plan, {', '.join(CORE_MASKS)} or 0,1,2,3,4,7")
     return v
