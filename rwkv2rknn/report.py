@@ -295,7 +295,23 @@ def _open_by_default(names: list[str], i: int) -> bool:
     return i in (0, first_mixing, len(names) - 1)
 
 
-def render_report(manifest_path: str | Path) -> str:
+def _cost_html(manifest: Manifest, board: str | None) -> str:
+    """The predicted-time section, or a note why there is none (features missing, a bad profile)."""
+    from rwkv2rknn.cost.estimate import estimate, with_features
+    from rwkv2rknn.cost.profile import load_profile
+    from rwkv2rknn.errors import UserError
+    from rwkv2rknn.report_cost import cost_section
+
+    try:
+        profile = load_profile(board or manifest.data.get("board") or "rk3588")
+        data, _ = with_features(manifest.data, lambda g, s: onnx.load(str(manifest.resolve(s["onnx"]))))
+        est, cpu = estimate(data, profile), estimate(data, profile, all_cpu=True)
+    except (UserError, OSError, ValueError) as exc:
+        return f"<p class='muted'>no time prediction: {html.escape(str(exc))}</p>"
+    return cost_section(data, est, cpu, profile.name, str(profile.path))
+
+
+def render_report(manifest_path: str | Path, board: str | None = None) -> str:
     manifest = Manifest.load(manifest_path, check_files=False)
     t = totals(manifest)
     esc = html.escape
@@ -333,6 +349,7 @@ def render_report(manifest_path: str | Path) -> str:
            "column is its depth inside its segment. Hover a node for its name and placement reason. "
            "Bytes crossing are the inputs plus outputs of every NPU call.</p>")]
 
+    out.append(_cost_html(manifest, board))
     # Overview: one row per graph, linking to its section.
     out.append("<h2>graphs</h2><p><button onclick='setAll(true)'>expand all</button>"
                "<button onclick='setAll(false)'>collapse all</button></p>")
@@ -400,7 +417,7 @@ def render_report(manifest_path: str | Path) -> str:
     return "\n".join(out)
 
 
-def write_report(manifest_path: str | Path, out_html: str | Path) -> Path:
-    text = render_report(manifest_path)
+def write_report(manifest_path: str | Path, out_html: str | Path, board: str | None = None) -> Path:
+    text = render_report(manifest_path, board)
     write_bytes_atomic(out_html, text.encode())
     return Path(out_html)

@@ -55,10 +55,15 @@ def test_report_names_every_segment_with_its_metrics(built_out, tmp_path):
     for _, seg in m.segments():
         assert seg["id"] in text
     for seg in npu:
-        assert f"{seg['verify']['cosine']:.6f}" in text
+        assert f"rel_l2 {seg['verify']['rel_l2']:.2e}" in text
     for g in m.graphs:  # one section and one drawing per graph
         assert f"id='g-{g['name']}'" in text
-    assert text.count("<svg") == len(m.graphs)
+    # plus the predicted-time pictures: the plan against the CPU-only plan, and one bar per graph
+    assert text.count("<svg") == len(m.graphs) + 2
+    assert "predicted time per token on board profile rk3588" in text and "not a board measurement" in text
+    from rwkv2rknn.cost import estimate, load_profile
+    est = estimate(m.data, load_profile("rk3588"))
+    assert f"{est.decode_ms_per_token:.2f} ms, {est.npu_calls_per_token:g} NPU calls" in text
     # Every CPU placement with its reason.
     for g in m.graphs:
         for p in g["placement"]:
