@@ -237,6 +237,16 @@ def test_fp16_build_records_rel_l2_and_the_whole_model_check(tmp_path, tmp_path_
             assert s["verify"]["worst_output"] in {t["name"] for t in s["outputs"]}
     check = m.data["build"]["verify_model"]
     assert check["tokens"] >= 16 and check["logits_cosine_min"] >= 0.999 and check["argmax_agree"] >= 0.9
+    # the compiler's own per-op table, and the estimate using it
+    from rwkv2rknn.cost import estimate, load_profile
+    est = estimate(m.data, load_profile("rk3588"))
+    priced = {s.id: s for g in est.decode.graphs for s in g.segments}
+    for _, s in m.segments():
+        if s["backend"] == "npu":
+            t = s["compiler"]
+            assert t["cycles"] > 0 and t["ops"] > 0 and isinstance(t["cpu_ops"], list), t
+            assert priced[s["id"]].compiler_table and priced[s["id"]].hops == len(t["cpu_ops"])
+            assert s["core_mask"] in (1, 7)
     assert "whole model (" in out and "worst rel_l2" in out and "warning" not in out
     # nothing changed: the check is not run again
     first = dict(check)
