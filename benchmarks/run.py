@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BENCHES = ("partition", "runtime", "build")
+BENCHES = ("partition", "estimate", "runtime", "build")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -40,6 +40,9 @@ def tables() -> str:
                              f"{r['crossing_bytes_per_token'] / 1024:.0f} | {100 * r['npu_matmul_flop_share']:.1f}% | "
                              f"{r['split_seconds']:.1f} |")
         lines.append("")
+    est = _load("estimate")
+    if est:
+        lines += estimate_table(est)
     rt = _load("runtime")
     if rt:
         res = rt["results"]
@@ -60,14 +63,44 @@ def tables() -> str:
     b = _load("build")
     if b:
         lines += ["**Build** (`rwkv2rknn build --jobs 2`, simulator verify on; warm = rebuild with nothing changed)", "",
-                  "| shape | NPU segments | cold s | warm s | warm/cold | warm compiles | verify cosine min | max abs |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| shape | NPU segments | cold s | warm s | warm/cold | warm compiles | worst segment rel_l2 | "
+                  "whole-model logits cosine min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in b.items():
+            vm = r.get("verify_model") or {}
+            rel = r.get("verify_rel_l2_max")
+            rel_txt = "-" if rel is None else f"{rel:.2e}"
+            cos_txt = f"{vm['logits_cosine_min']:.6f}" if "logits_cosine_min" in vm else "-"
             lines.append(f"| {name} | {r['npu_segments']} | {r['cold_seconds']:.1f} | {r['warm_seconds']:.2f} | "
-                         f"{100 * r['warm_vs_cold']:.1f}% | {r['warm_compiles']} | {r['verify_cosine_min']:.7f} | "
-                         f"{r['verify_max_abs']:.3g} |")
+                         f"{100 * r['warm_vs_cold']:.1f}% | {r['warm_compiles']} | {rel_txt} | {cos_txt} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def estimate_table(est: dict) -> list[str]:
+    rows = est["rows"]
+    boards = list(dict.fromkeys(r["board"] for r in rows))
+    pols = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["board"], r["policy"]): r for r in rows}
+    out = [f"**PREDICTED board time per token, {est['shape']} shape** (`rwkv2rknn estimate`: board profiles built "
+           "from published figures and judgement, each constant with its source in `rwkv2rknn/cost/profiles/`; "
+           "predictions, not board measurements)", "",
+           "| policy | " + " | ".join(f"{b} decode ms | {b} prefill ms | NPU calls" for b in boards) + " |",
+           "|---|" + "---:|---:|---:|" * len(boards)]
+    for p in pols:
+        cells = []
+        for b in boards:
+            r = by[(b, p)]
+            cells.append(f"{r['decode_ms_per_token']:.1f} | {r['prefill_ms_per_token']:.1f} | "
+                         f"{r['npu_calls_per_token']:g}")
+        out.append(f"| {p} | " + " | ".join(cells) + " |")
+    out += ["", "Backtests against published board figures (the only ground truth there is):", "",
+            "| what | board profile | policy | published ms/token | predicted ms/token | within |",
+            "|---|---|---|---:|---:|---|"]
+    for t in est["backtests"]:
+        out.append(f"| {t['what']} | {t['board']} | {t['policy']} | {t['published_ms']:.0f} | "
+                   f"{t['predicted_ms']:.1f} | {'yes' if t['within'] else 'NO'} ({t['tolerance']:g}x) |")
+    out.append("")
+    return out
 
 
 def chart(path: Path) -> None:
