@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from passes.stats import matmul_flops
 
 # Segmenting strategies (the user-facing policy registry, with help texts, is rwkv2rknn/policies.py).
-POLICIES = ("cpu", "matmul", "fused", "layer")
+POLICIES = ("cpu", "matmul", "fused", "layer", "deep")
 # An NPU call costs ~0.1-0.2 ms of driver overhead (seed: a 1024x1024 M=1 MatMul lost to the CPU).
 # Runs below this many MatMul FLOPs go back to the CPU. A placeholder until board timings exist.
 DEFAULT_MIN_NPU_FLOPS = 1 << 16
@@ -37,10 +37,11 @@ def _dependencies(nodes):
     return users, indeg
 
 
-def _sweep(nodes, backend_of, npu_one_per_segment=False):
+def _sweep(nodes, backend_of, npu_one_per_segment=False, start=None):
     """Take ready nodes of the current backend until none is ready, then switch (ties: original order).
 
-    Acyclic by construction: segments are consecutive runs of one topological order.
+    Acyclic by construction: segments are consecutive runs of one topological order. `start`: the
+    backend of the first run when both have ready nodes (default: the CPU, for host-side preparation).
     """
     users, indeg = _dependencies(nodes)
     ready = {"cpu": [], "npu": []}
@@ -48,7 +49,7 @@ def _sweep(nodes, backend_of, npu_one_per_segment=False):
         if d == 0:
             heapq.heappush(ready[backend_of[i]], i)
     runs = []
-    current = "cpu" if ready["cpu"] else "npu"  # host-side preparation (Gathers, shape ops) first
+    current = start if start and ready[start] else ("cpu" if ready["cpu"] else "npu")  # host-side preparation first
     done = 0
     while done < len(nodes):
         if not ready[current]:
@@ -81,7 +82,12 @@ def _mmcount(nodes):
 
 def propose_segments(graph: gs.Graph, placement: dict, policy: str = "fused",
                      min_npu_flops: int = DEFAULT_MIN_NPU_FLOPS) -> list:
-    """Segments in execution order under `policy` ("cpu" | "matmul" | "fused" | "layer")."""
+    """Segments in execution order under `policy` ("cpu" | "matmul" | "fused" | "layer" | "deep").
+
+    deep: like fused, but the NPU runs first (CPU work that waits for nothing, e.g. reads of the state for
+    its update, is deferred after the NPU call instead of costing a call of its own) and no NPU run folds
+    back for being small.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     nodes = list(graph.nodes)
@@ -98,6 +104,8 @@ def propose_segments(graph: gs.Graph, placement: dict, policy: str = "fused",
     if policy == "matmul":
         backend_of = ["npu" if n.op == "MatMul" and placement[n.name].backend == "npu" else "cpu" for n in nodes]
         runs = _sweep(nodes, backend_of, npu_one_per_segment=True)
+    elif policy == "deep":
+        runs = _sweep(nodes, [placement[n.name].backend for n in nodes], start="npu")
     else:
         runs = _sweep(nodes, [placement[n.name].backend for n in nodes])
     segments = []

@@ -20,7 +20,8 @@ NPU_OPS = {
     "Add": None, "Sub": None, "Mul": None, "Div": None, "Pow": None, "Sqrt": None, "Reciprocal": None,
     "Neg": None, "Abs": None, "Exp": None, "Log": None, "Max": None, "Min": None,
     "Relu": None, "Sigmoid": None, "Tanh": None, "LeakyRelu": None, "Clip": None, "Erf": None,
-    "HardSigmoid": None, "HardSwish": None, "Softmax": None, "LayerNormalization": None,
+    "HardSigmoid": None, "HardSwish": None, "Softmax": None, "LayerNormalization": None, "Elu": None,
+    "Softplus": None,
     "ReduceMean": None, "ReduceSum": None, "ReduceMax": None, "ReduceMin": None,
     "Reshape": "shape", "Flatten": None, "Squeeze": None, "Unsqueeze": None, "Transpose": None,
     "Concat": None, "Split": None, "Slice": None, "Identity": None,
@@ -54,12 +55,21 @@ def _weight_check(node):
     return None
 
 
-def supported(node, target="rk3588") -> Placement:
+def _constant_row_read(node) -> bool:
+    """Gather of a float tensor at a constant index: a row read the RKNN compiler keeps on the NPU
+    (measured in docs/legalization.md for the state rows of an RWKV layer)."""
+    return (node.op == "Gather" and len(node.inputs) == 2 and isinstance(node.inputs[1], gs.Constant)
+            and is_float(node.inputs[0]))
+
+
+def supported(node, target="rk3588", gather_on_npu: bool = False) -> Placement:
     """The table's answer for one node, ignoring the precision rule."""
     if target not in _TABLES:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     npu_ops, cpu_ops = _TABLES[target]
     op = node.op
+    if gather_on_npu and _constant_row_read(node):
+        return Placement("npu", f"{op}: a constant-index row read, kept on the {target} NPU")
     if op in cpu_ops:
         return Placement("cpu", f"{op}: {cpu_ops[op]}")
     if op not in npu_ops or node.domain not in ("", "ai.onnx", None):
@@ -123,12 +133,15 @@ def precision_pinned(graph) -> dict:
     return pinned
 
 
-def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False) -> dict:
-    """node name -> Placement for every node; npu_all=True switches the precision rule off."""
+def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False, gather_on_npu: bool = False) -> dict:
+    """node name -> Placement for every node; npu_all=True switches the precision rule off.
+
+    gather_on_npu: constant-index row reads (Gather) go to the NPU (the deep policy's whole-layer models).
+    """
     pinned = {} if npu_all else precision_pinned(graph)
     result = {}
     for node in graph.nodes:
-        p = supported(node, target)
+        p = supported(node, target, gather_on_npu)
         if p.backend == "npu" and node.name in pinned:
             p = Placement("cpu", pinned[node.name])
         result[node.name] = p

@@ -10,7 +10,9 @@ import jsonschema
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, write_json_atomic
 
-FORMAT_VERSION = 1
+# 2: a graph entry may stand for several source graphs merged into one (`covers`, `sources`: the deep
+# policy); segments may carry `cost`, `compiler`, `core_mask`, `calib`. Format-1 manifests still load.
+FORMAT_VERSION = 2
 # The directory `split` writes and `build` reads when the user names none.
 DEFAULT_OUT = "rwkv2rknn-out"
 MANIFEST_NAME = "manifest.json"
@@ -23,6 +25,11 @@ _TENSOR = {
         "dtype": {"type": "string"},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
     },
+}
+_SOURCE = {
+    "type": "object",
+    "required": ["path", "sha256"],
+    "properties": {"path": {"type": "string"}, "sha256": {"type": "string"}, "name": {"type": "string"}},
 }
 _REF = {
     "type": "object",
@@ -41,14 +48,14 @@ SCHEMA = {
             "minItems": 1,
             "items": {
                 "type": "object",
-                "required": ["name", "source", "inputs", "outputs", "segments"],
+                "required": ["name", "inputs", "outputs", "segments"],
+                "oneOf": [{"required": ["source"]}, {"required": ["sources", "covers"]}],
                 "properties": {
                     "name": {"type": "string"},
-                    "source": {
-                        "type": "object",
-                        "required": ["path", "sha256"],
-                        "properties": {"path": {"type": "string"}, "sha256": {"type": "string"}},
-                    },
+                    "source": _SOURCE,
+                    "sources": {"type": "array", "minItems": 1, "items": _SOURCE},
+                    "covers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                    "policy": {"type": "string"},
                     "inputs": {"type": "array", "items": _TENSOR},
                     "outputs": {"type": "array", "items": _TENSOR},
                     "segments": {
@@ -71,9 +78,24 @@ SCHEMA = {
                                     "properties": {
                                         "cosine": {"type": "number"},
                                         "max_abs": {"type": "number"},
+                                        "rel_l2": {"type": "number", "minimum": 0},
+                                        "worst_output": {"type": "string"},
+                                        "scale": {"type": "number"},
                                     },
                                 },
                                 "fallback_reason": {"type": "string"},
+                                "precision": {"enum": ["fp16", "w8a8"]},
+                                "precision_reason": {"type": "string"},
+                                "calib": {"type": "string"},
+                                "cost": {"type": "object"},
+                                "compiler": {
+                                    "type": "object",
+                                    "required": ["ops", "cpu_ops", "cycles"],
+                                    "properties": {"ops": {"type": "integer", "minimum": 0},
+                                                   "cpu_ops": {"type": "array", "items": {"type": "string"}},
+                                                   "cycles": {"type": "integer", "minimum": 0}},
+                                },
+                                "core_mask": {"enum": [0, 1, 2, 3, 4, 7]},
                             },
                         },
                     },

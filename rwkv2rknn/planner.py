@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from passes.cut import extract_segments
+from passes.legalize import legalize
 from passes.partition import propose_segments
-from passes.placement import place
+from passes.placement import Placement, place
+from passes.state_rule import clone_state_reads, update_only_nodes
 from rwkv2rknn import policies
 from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
 from rwkv2rknn.cost.features import segment_features
@@ -28,26 +30,52 @@ class GraphPlan:
     cuts: list       # passes.cut.CutSegment
     features: list   # per cut: rwkv2rknn.cost.features.segment_features
     prices: list     # per cut: SegmentPrice (one call)
+    notes: list = ()  # legalization notes (deep): what was rewritten, what was left alone and why
 
     @property
     def ms(self) -> float:
         return 1e3 * sum(p.seconds for p in self.prices)
 
 
-def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile) -> GraphPlan:
-    """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut."""
+STATE_UPDATE_REASON = ("{op}: updates the recurrent state: kept fp32 on the CPU (the NPU reads an fp16 copy of the "
+                       "exact state each token; an fp16 update would drift)")
+STATE_UPDATES = ("cpu", "npu")
+
+
+def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile,
+               state_pairs: list[tuple[str, str]] = (), state_update: str = "cpu") -> GraphPlan:
+    """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut.
+
+    deep: the graph is legalized (ops the compiler would run on its CPU rewritten), every node may go to
+    the NPU, and with state_update "cpu" the nodes that only update a state of `state_pairs` stay fp32 on
+    the CPU (passes/state_rule.py): one NPU call, then one CPU call for the update.
+    """
     pol = policies.get(policy)
-    placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
+    notes = []
+    if pol.segmenter == "deep":
+        if state_update not in STATE_UPDATES:
+            raise ValueError(f"state update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
+        graph, notes = legalize(graph)
+        update = set()
+        if state_update == "cpu" and state_pairs:
+            ins, outs = [a for a, _ in state_pairs], [b for _, b in state_pairs]
+            update = clone_state_reads(graph, update_only_nodes(graph, ins, outs), ins)
+        placement = place(graph, target=target, npu_all=True, gather_on_npu=True)
+        for node in graph.nodes:
+            if node.name in update:
+                placement[node.name] = Placement("cpu", STATE_UPDATE_REASON.format(op=node.op))
+    else:
+        placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
     segments = propose_segments(graph, placement, policy=pol.segmenter)
     cuts = extract_segments(graph, segments)
     features = [segment_features(c.model, c.backend) for c in cuts]
     prices: list[SegmentPrice] = [price_segment(f, profile, c.backend) for f, c in zip(features, cuts)]
-    return GraphPlan(policy, placement, segments, cuts, features, prices)
+    return GraphPlan(policy, placement, segments, cuts, features, prices, notes)
 
 
 def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile) -> tuple[GraphPlan, dict]:
     """`auto`: every concrete policy's plan, the cheapest kept; (plan, the manifest's `auto` record)."""
-    plans = [plan_graph(graph, p.name, target, npu_all, profile) for p in policies.concrete()]
+    plans = [plan_graph(graph, p.name, target, npu_all, profile) for p in policies.concrete() if not p.groups_layers]
     ranked = sorted(plans, key=lambda p: (p.ms, p.policy))
     best = ranked[0]
     record = {"chosen": best.policy, "predicted_ms": round(best.ms, 4), "board": profile.name,

@@ -33,7 +33,7 @@ def names() -> list[str]:
 
 
 def concrete() -> list[Policy]:
-    """Policies that produce a plan by themselves (auto chooses among these)."""
+    """Policies that produce a plan by themselves."""
     return [p for p in _REGISTRY.values() if p.segmenter is not None]
 
 
@@ -45,4 +45,7 @@ register(Policy("fused", "maximal NPU regions around the MatMuls, the recurrence
 register(Policy("matmul", "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)", "matmul"))
 register(Policy("layer", "each whole graph one NPU model; the compiler places ops itself", "layer", npu_all=True))
 register(Policy("cpu", "no NPU at all (the baseline every plan must beat)", "cpu"))
-register(Policy("auto", "per graph, the plan with the lowest predicted time on the --board among the others", None))
+register(Policy("deep", "legalized layers, several per NPU call (--layers-per-call); the state update fp32 on the "
+                "CPU between calls (--state-update)", "deep", npu_all=True, groups_layers=True))
+register(Policy("auto", "per graph, the plan with the lowest predicted time on the --board among cpu, matmul, "
+                "fused and layer", None))

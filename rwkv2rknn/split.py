@@ -23,7 +23,8 @@ from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
 from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
-from rwkv2rknn.planner import choose_plan, plan_graph
+from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
+from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
 
 PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
 
@@ -41,6 +42,7 @@ class GraphReport:
     placement: list[dict] = field(default_factory=list)
     policy: str = ""
     predicted_ms: float = 0.0  # per token on the split's board profile (a prediction)
+    notes: list[str] = field(default_factory=list)  # legalization: rewritten, or left alone and why
 
     @property
     def npu_share(self) -> float:
@@ -95,23 +97,42 @@ def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
         raise UserError(f"{src.path}: {exc}; fix the sizes with --shape NAME=D0,D1,...") from None
 
 
-def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shapes: dict,
-                 seg_dir: Path | None, root: Path | None, profile) -> tuple[dict, GraphReport]:
-    graph = _normalized(src, shapes)
+def _unit_graph(unit: Unit, shapes: dict, model: RwkvModel | None) -> gs.Graph:
+    """The normalized graph of a unit: one source graph, or a group merged (layer i's output feeds layer i+1)."""
+    graphs = [_normalized(src, shapes) for src in unit.sources]
+    if not unit.merged:
+        return graphs[0]
+    chain = [("output", "x" if b.name == "head" else "input") for b in unit.sources[1:]]
+    return merge_unit(unit, graphs, chain)
+
+
+def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
+    if model is None:
+        return []
+    return [(tensor_ref(unit, s.name, "state_in")["name"], tensor_ref(unit, s.name, "state_out")["name"])
+            for s in unit.sources if s.name.startswith("mixing_")]
+
+
+def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
+                root: Path | None, profile, model: RwkvModel | None, state_update: str) -> tuple[dict, GraphReport]:
+    where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
+    graph = _unit_graph(unit, shapes, model)
     auto = None
+    if policies.get(policy).groups_layers and not unit.merged:
+        policy = "fused"  # the embedding lookup (and a lone head) stay as fused plans: nothing to merge
     try:
         if policy == "auto":
             plan, auto = choose_plan(graph, target, npu_all, profile)
         else:
-            plan = plan_graph(graph, policy, target, npu_all, profile)
+            plan = plan_graph(graph, policy, target, npu_all, profile, _state_pairs(unit, model), state_update)
     except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
-        raise UserError(f"{src.path}: cannot cut this graph ({exc}); check the file, or fix input sizes "
+        raise UserError(f"{where}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
-    report = GraphReport(src.name, policy=policy, predicted_ms=plan.ms)
+    report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms, notes=[str(n) for n in plan.notes])
     seg_entries = []
     for i, (seg, cut) in enumerate(zip(segments, cuts)):
-        sid = f"{src.name}.s{i}"
+        sid = f"{unit.name}.s{i}"
         for node in seg.nodes:
             decided = placement[node.name]
             reason = decided.reason if decided.backend == seg.backend else _moved_reason(node, seg, policy)
@@ -134,12 +155,21 @@ def _split_graph(src: SourceGraph, policy: str, target: str, npu_all: bool, shap
             onnx.save(cut.model, str(path))
             entry["sha256"] = sha256_file(path)
         seg_entries.append(entry)
-    source = {"path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),
-              "sha256": sha256_file(src.path),
-              "dtype": _source_float_dtype(src.model)}
-    entry = {"name": src.name, "source": source, "policy": policy,
+    sources = [{"name": src.name,
+                "path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),
+                "sha256": sha256_file(src.path), "dtype": _source_float_dtype(src.model)} for src in unit.sources]
+    entry = {"name": unit.name, "policy": policy,
              "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
              "segments": seg_entries, "placement": report.placement}
+    if unit.merged:
+        entry["covers"] = [src.name for src in unit.sources]
+        entry["sources"] = sources
+    else:
+        entry["source"] = {k: v for k, v in sources[0].items() if k != "name"}
+    if plan.notes:
+        entry["legalized"] = report.notes
+    if policy == "deep":
+        entry["state_update"] = state_update
     if auto is not None:
         entry["auto"] = auto
     return entry, report
@@ -187,64 +217,91 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _model_loop(model: RwkvModel, graph_policy: dict[str, str], npu_all: bool) -> dict:
+def _model_loop(model: RwkvModel, units: list[Unit], graph_policy: dict[str, str], npu_all: bool) -> dict:
+    unit_of = {src.name: u for u in units for src in u.sources}
+
+    def ref(graph: str, tensor: str) -> dict:
+        return tensor_ref(unit_of[graph], graph, tensor)
+
     names = [g.name for g in model.graphs]
-    links = [{"from": {"graph": a, "name": "output"}, "to": {"graph": b, "name": "input"}}
-             for a, b in zip(names[:-2], names[1:-1])]
-    links.append({"from": {"graph": names[-2], "name": "output"}, "to": {"graph": "head", "name": "x"}})
+    pairs = [(a, "output", b, "input") for a, b in zip(names[:-2], names[1:-1])] + [(names[-2], "output", "head", "x")]
+    # a link inside a merged unit is a tensor of that unit's graph, not a hand-off between graphs
+    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in pairs if unit_of[a] is not unit_of[b]]
+
     # -1e30 overflows float16: it is only safe while the recurrence stays fp32 on the CPU. Starting
     # pp at 0 gives the same outputs because aa = bb = 0 (shared/docs/llama-onnx-rwkv4.md).
     def init_rows(graph: str) -> dict:
-        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[graph]).npu_all or npu_all)
+        unit = unit_of[graph].name
+        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[unit]).npu_all or npu_all)
         return {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
 
-    state = [{"graph": f"mixing_{i}", "input": "state_in", "output": "state_out",
-              "shape": [model.state_rows, model.n_embd], "dtype": "float32",
-              "init": {"fill": 0.0, "rows": init_rows(f"mixing_{i}")}} for i in range(model.n_layer)]
+    state = []
+    for i in range(model.n_layer):
+        g = f"mixing_{i}"
+        r_in, r_out = ref(g, "state_in"), ref(g, "state_out")
+        state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                      "shape": [model.state_rows, model.n_embd], "dtype": "float32",
+                      "init": {"fill": 0.0, "rows": init_rows(g)}})
     return {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),
-            "token_input": {"graph": "embed", "name": "token"},
-            "logits": {"graph": "head", "name": "output"},
+            "token_input": ref("embed", "token"),
+            "logits": ref("head", "output"),
             "links": links, "state": state}
 
 
 def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
                 target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
                 force: bool = False, preview: bool = False, progress: bool = True,
-                board: str = DEFAULT_PROFILE) -> tuple[dict, list[GraphReport]]:
+                board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
+                state_update: str = "cpu") -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
     segment carries its cost features; `board` prices the plans (the `auto` policy chooses by it).
+    deep: `layers_per_call` layers per merged graph (default: as many as the size budget allows);
+    `state_update` "cpu" keeps the recurrent-state update fp32 on the CPU, "npu" puts it in the NPU model.
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
+    if state_update not in STATE_UPDATES:
+        raise UserError(f"--state-update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
+    grouped = policies.get(policy).groups_layers
+    if layers_per_call is not None and not grouped:
+        merging = ", ".join(p.name for p in policies.concrete() if p.groups_layers)
+        raise UserError(f"--layers-per-call goes with a policy that merges layers ({merging})")
     shapes = shapes or {}
     profile = load_profile(board)
     sources, model = load_sources(paths)
     if model is not None and model.tokenizer_file is not None:
         _check_tokenizer(model)
+    if grouped and model is None:
+        raise UserError(f"--policy {policy} merges the layers of a whole model: give a model directory "
+                        "(embed.onnx, mixing_*.onnx, head.onnx), not single files")
+    work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
     out_dir = Path(out_dir)
     # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
-    bar = tqdm(sources, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
+    bar = tqdm(work, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
                leave=False)
     entries, reports = [], []
+    source_inputs: set[str] = set()
 
     def run(stage: Path | None):
         seg_dir = None
         if stage is not None:
             seg_dir = stage / "segments"
             seg_dir.mkdir()
-        for src in bar:
-            bar.set_postfix_str(src.name)
-            entry, report = _split_graph(src, policy, target, npu_all, shapes, seg_dir,
-                                         out_dir if stage is not None else None, profile)
-            src.release()  # let the source weights go before the next graph loads its own
+        for unit in bar:
+            bar.set_postfix_str(unit.name)
+            entry, report = _split_unit(unit, policy, target, npu_all, shapes, seg_dir,
+                                        out_dir if stage is not None else None, profile, model, state_update)
+            for src in unit.sources:
+                source_inputs.update(i.name for i in src.model.graph.input)
+                src.release()  # let the source weights go before the next graph loads its own
             entries.append(entry)
             reports.append(report)
-        unused = sorted(set(shapes) - {t["name"] for e in entries for t in e["inputs"]})
+        unused = sorted(set(shapes) - source_inputs)
         if unused:  # a typo in --shape must not pass silently
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
@@ -253,7 +310,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         return {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
-                "graphs": entries, "model": _model_loop(model, chosen, npu_all) if model else None}
+                "graphs": entries, "model": _model_loop(model, work, chosen, npu_all) if model else None}
 
     if preview:
         run(None)

@@ -85,7 +85,7 @@ def test_weights_as_initializers_split_the_same(model_factory, tmp_path):
 
 def test_manifest_contract(tiny_fp16, tmp_path):
     data, _ = split_model([tiny_fp16], tmp_path / "out", progress=False)
-    assert data["format_version"] == 1 and data["target"] == "rk3588"
+    assert data["format_version"] == 2 and data["target"] == "rk3588"
     m = data["model"]
     assert m["vocab_size"] == 256 and m["n_layer"] == 2 and m["n_embd"] == 64 and m["tokenizer"] == "bytes"
     assert m["token_input"] == {"graph": "embed", "name": "token"}

@@ -28,6 +28,13 @@ def register(sub) -> None:
     p.add_argument("--board", default="rk3588", metavar="NAME|FILE",
                    help="board profile the predicted times (and --policy auto) use: rk3588 (default), rk3588-2023, "
                    "or a .toml file (e.g. from board calibration)")
+    p.add_argument("--layers-per-call", type=int, default=None, metavar="K",
+                   help="deep: layers merged into one NPU model (default: as many as a 640 MB fp32 budget allows, "
+                   "balanced; the head joins the last group when it fits)")
+    p.add_argument("--state-update", default="cpu", choices=["cpu", "npu"],
+                   help="deep: where the recurrent-state update runs: cpu (default: fp32, one CPU call after each "
+                   "NPU call; no drift) or npu (fp16 inside the NPU model: fewer calls, the state drifts on "
+                   "long-memory channels)")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
@@ -45,9 +52,12 @@ def run(args) -> int:
     t0 = time.perf_counter()
     data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
-                                preview=args.preview, progress=not args.quiet, board=args.board)
+                                preview=args.preview, progress=not args.quiet, board=args.board,
+                                layers_per_call=args.layers_per_call, state_update=args.state_update)
     if args.preview:
         for rep in reports:
+            for note in rep.notes:
+                console.print(f"{rep.name}: legalize {note}", soft_wrap=True)
             table = Table(title=f"{rep.name}: placement", title_justify="left")
             for col in ("node", "op", "segment", "backend", "reason"):
                 table.add_column(col)

@@ -1,0 +1,91 @@
+"""Units of a split: one source graph each, or (deep policy) consecutive layers merged into one graph per NPU call.
+
+A group holds as many layers as the size budget allows (the fp32 ONNX of one NPU model: under the 2 GB
+protobuf limit with room to spare, and a compile of about a minute), balanced over the groups; the head
+joins the last group when it still fits. Names inside a merged graph are `<source graph>.<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from passes.merge import merge_graphs
+from rwkv2rknn.errors import UserError
+
+# fp32 bytes of one NPU model's ONNX: 8 layers of the 430M shape (437 MB) compile in about a minute.
+DEFAULT_GROUP_BYTES = 640 * 1024 * 1024
+
+
+@dataclass
+class Unit:
+    """What one manifest graph entry is made of."""
+
+    name: str
+    sources: list  # rwkv2rknn.model.SourceGraph, in execution order
+
+    @property
+    def merged(self) -> bool:
+        return len(self.sources) != 1 or self.sources[0].name != self.name
+
+
+def _fp32_bytes(src, float_dtype: str) -> int:
+    return src.path.stat().st_size * (2 if float_dtype == "float16" else 1)
+
+
+def group_layers(layer_bytes: list[int], head_bytes: int, layers_per_call: int | None = None,
+                 budget: int = DEFAULT_GROUP_BYTES) -> tuple[list[list[int]], bool]:
+    """Layer indices per group, and whether the head joins the last group.
+
+    layers_per_call: a fixed group size; default: the fewest groups whose layers fit `budget` each,
+    balanced (24 layers of 52 MB -> 3 groups of 8).
+    """
+    n = len(layer_bytes)
+    if n == 0:
+        return [], False
+    if layers_per_call is not None:
+        if layers_per_call < 1:
+            raise UserError(f"--layers-per-call {layers_per_call}: must be at least 1")
+        k = layers_per_call
+    else:
+        per = max(layer_bytes)
+        k = max(1, min(n, budget // max(1, per)))
+        k = math.ceil(n / math.ceil(n / k))  # balance: the same number of groups, sizes as even as possible
+    groups = [list(range(i, min(n, i + k))) for i in range(0, n, k)]
+    head_in_last = sum(layer_bytes[i] for i in groups[-1]) + head_bytes <= max(budget, 1)
+    if layers_per_call is not None:
+        head_in_last = True  # the user asked for this size: the head goes with the last group
+    return groups, head_in_last
+
+
+def units(model, grouped: bool, layers_per_call: int | None = None, budget: int = DEFAULT_GROUP_BYTES) -> list[Unit]:
+    """The units of a whole model: embed, groups of mixing layers (+ head), or one unit per graph."""
+    graphs = model.graphs
+    if not grouped:
+        return [Unit(g.name, [g]) for g in graphs]
+    embed, layers, head = graphs[0], graphs[1:-1], graphs[-1]
+    sizes = [_fp32_bytes(g, model.float_dtype) for g in layers]
+    groups, head_in_last = group_layers(sizes, _fp32_bytes(head, model.float_dtype), layers_per_call, budget)
+    out = [Unit(embed.name, [embed])]
+    for k, idx in enumerate(groups):
+        members = [layers[i] for i in idx]
+        if head_in_last and k == len(groups) - 1:
+            members.append(head)
+        out.append(Unit(f"group_{k}", members))
+    if not head_in_last:
+        out.append(Unit(head.name, [head]))
+    return out
+
+
+def merge_unit(unit: Unit, graphs: list[gs.Graph], chain: list[tuple[str, str]]) -> gs.Graph:
+    """The unit's normalized source graphs as one graph; chain: (output name, input name) joining graph i to i+1."""
+    names = [s.name for s in unit.sources]
+    links = [(a, out, b, inp) for (a, b), (out, inp) in zip(zip(names, names[1:]), chain)]
+    return merge_graphs(list(zip(names, graphs)), links, name=unit.name)
+
+
+def tensor_ref(unit: Unit, graph: str, tensor: str) -> dict:
+    """Where a source graph's tensor lives in the manifest: {graph: unit name, name: tensor name in it}."""
+    return {"graph": unit.name, "name": f"{graph}.{tensor}" if unit.merged else tensor}
