@@ -15,8 +15,10 @@ import onnx_graphsurgeon as gs
 from passes.merge import merge_graphs
 from rwkv2rknn.errors import UserError
 
-# fp32 bytes of one NPU model's ONNX: 8 layers of the 430M shape (437 MB) compile in about a minute.
-DEFAULT_GROUP_BYTES = 640 * 1024 * 1024
+# fp32 bytes of the layers of one NPU model: 8 layers of the 430M shape (437 MB) compile in about a minute.
+DEFAULT_GROUP_BYTES = 448 * 1024 * 1024
+# The head joins the last group while the whole model stays under this (far below protobuf's 2 GB limit).
+MAX_MODEL_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass
@@ -54,7 +56,7 @@ def group_layers(layer_bytes: list[int], head_bytes: int, layers_per_call: int |
         k = max(1, min(n, budget // max(1, per)))
         k = math.ceil(n / math.ceil(n / k))  # balance: the same number of groups, sizes as even as possible
     groups = [list(range(i, min(n, i + k))) for i in range(0, n, k)]
-    head_in_last = sum(layer_bytes[i] for i in groups[-1]) + head_bytes <= max(budget, 1)
+    head_in_last = sum(layer_bytes[i] for i in groups[-1]) + head_bytes <= max(budget, MAX_MODEL_BYTES)
     if layers_per_call is not None:
         head_in_last = True  # the user asked for this size: the head goes with the last group
     return groups, head_in_last

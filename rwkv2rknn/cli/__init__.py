@@ -15,6 +15,13 @@ from rwkv2rknn.manifest import DEFAULT_OUT  # noqa: F401  (re-exported: split wr
 SUBCOMMANDS = ["export", "split", "build", "estimate", "report", "doctor"]
 
 
+def console():
+    """A rich console for tables: the terminal's width, or 200 columns in a pipe or log (no wrapped reasons)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rwkv2rknn",

@@ -6,6 +6,7 @@ import os
 import sys
 
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
+from rwkv2rknn.cli import console as make_console
 
 
 def register(sub) -> None:
@@ -44,7 +45,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
 
     from rwkv2rknn.build import build_manifest
     from rwkv2rknn.errors import UserError
@@ -54,7 +54,7 @@ def run(args) -> int:
     report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
                             jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
                             progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2)
-    print_summary(Console(highlight=False), report, args)
+    print_summary(make_console(), report, args)
     return 0
 
 

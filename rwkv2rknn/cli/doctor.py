@@ -7,8 +7,8 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
+from rwkv2rknn.cli import console as make_console
 
 PACKAGES = ["numpy", "onnx", "onnxruntime", "onnx-graphsurgeon", "rknn-toolkit2", "rknn-toolkit-lite2",
             "tokenizers", "torch", "rwkv"]
@@ -81,7 +81,7 @@ def collect() -> dict:
 
 def run(args) -> int:
     info = collect()
-    console = Console(highlight=False)
+    console = make_console()
     console.print(f"python {info['python']} on {info['machine']}")
     table = Table(title="packages", title_justify="left")
     table.add_column("package")

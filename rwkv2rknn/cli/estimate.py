@@ -6,6 +6,7 @@ import json
 import sys
 
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
+from rwkv2rknn.cli import console as make_console
 
 _SHORT = {"npu_stream": "NPU stream", "npu_compute": "NPU compute", "npu_call": "NPU calls",
           "conversion": "fp32<->fp16", "hops": "CPU hops", "cpu_compute": "CPU compute", "cpu_call": "CPU calls"}
@@ -99,12 +100,11 @@ def summary(est, cpu, manifest, computed: int) -> dict:
 
 
 def print_tables(est, cpu, result: dict, profile, show_segments: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from rwkv2rknn.cost.estimate import CATEGORIES, core_mask_name
 
-    console = Console(highlight=False)
+    console = make_console()
     tag = f"predicted (board profile {profile.name}, not measured)"
     table = Table(title=f"per graph, ms per token: {tag}", title_justify="left")
     for col in ("graph", "NPU calls", "CPU calls", "CPU hops", "core mask", "ms/token"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 
-from rich.console import Console
 from rich.table import Table
 
 from rwkv2rknn import policies
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
+from rwkv2rknn.cli import console as make_console
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def register(sub) -> None:
                    help="board profile the predicted times (and --policy auto) use: rk3588 (default), rk3588-2023, "
                    "or a .toml file (e.g. from board calibration)")
     p.add_argument("--layers-per-call", type=int, default=None, metavar="K",
-                   help="deep: layers merged into one NPU model (default: as many as a 640 MB fp32 budget allows, "
+                   help="deep: layers merged into one NPU model (default: as many as a 448 MiB fp32 budget allows, "
                    "balanced; the head joins the last group when it fits)")
     p.add_argument("--state-update", default="cpu", choices=["cpu", "npu"],
                    help="deep: where the recurrent-state update runs: cpu (default: fp32, one CPU call after each "
@@ -48,7 +48,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from rwkv2rknn.split import parse_shapes, split_model
 
-    console = Console(highlight=False)
+    console = make_console()
     t0 = time.perf_counter()
     data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,

@@ -1,0 +1,77 @@
+"""passes/state_rule.py: the nodes that only update a recurrent state are found from the graph, and get their own
+full-precision reads of the state; the layer splits into one NPU part and one CPU update part that reproduce it."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from passes.cut import extract_segments
+from passes.partition import propose_segments
+from passes.pipeline import normalize
+from passes.placement import Placement, place
+from passes.state_rule import clone_state_reads, update_only_nodes
+from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.export import build_mixing
+
+C = 64
+
+
+def _layer():
+    return normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=1).layer(0), 0, dtype="float16")))
+
+
+def _run(model, feed):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {n: feed[n] for n in names})))
+
+
+def test_update_nodes_are_the_aa_bb_pp_update_only():
+    g = _layer()
+    update = update_only_nodes(g, ["state_in"], ["state_out"])
+    ops = sorted(n.op for n in g.nodes if n.name in update)
+    # pp' = max(pp + w, k); e1, e2 = exp(. - pp'); aa' = e1 aa + e2 v; bb' = e1 bb + e2; rows reshaped, concatenated
+    assert ops.count("Exp") == 2 and ops.count("Max") == 1 and ops.count("Concat") == 1
+    assert "Div" not in ops and "MatMul" not in ops  # the WKV output and the projections are not updates
+    outputs_of_update = {t.name for n in g.nodes if n.name in update for t in n.outputs}
+    assert "state_out" in outputs_of_update and "output" not in outputs_of_update
+    # every update node depends on the state and reaches no output but state_out
+    assert update_only_nodes(g, [], ["state_out"]) == set()
+
+
+def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer():
+    g = _layer()
+    ref_model = gs.export_onnx(g.copy())
+    update = update_only_nodes(g, ["state_in"], ["state_out"])
+    shared = [n for n in g.nodes if n.op == "Gather" and n.name not in update]
+    grown = clone_state_reads(g, update, ["state_in"])
+    clones = [n for n in g.nodes if n.name in grown - update]
+    assert clones and all(c.op == "Gather" and c.inputs[0].name == "state_in" for c in clones)
+    assert len(clones) <= len(shared)
+    for n in g.nodes:  # no update node reads a state row through a node the NPU side also uses
+        if n.name in grown:
+            for t in n.inputs:
+                for p in t.inputs:
+                    assert p.name in grown or p.op not in ("Gather",), (n.name, p.name)
+    placement = place(g, npu_all=True, gather_on_npu=True)
+    for n in g.nodes:
+        if n.name in grown:
+            placement[n.name] = Placement("cpu", "update")
+    segs = propose_segments(g, placement, policy="deep")
+    assert [s.backend for s in segs] == ["npu", "cpu"]
+    cuts = extract_segments(g, segs)
+    rng = np.random.default_rng(0)
+    state = rng.standard_normal((5, C)).astype(np.float32)
+    state[2:4] = np.abs(state[2:4]) + 1
+    feed = {"input": rng.standard_normal(C).astype(np.float32), "state_in": state}
+    want = _run(ref_model, feed)
+    env = dict(feed)
+    for c in cuts:
+        env.update(_run(c.model, env))
+        onnx.checker.check_model(c.model)
+    for name in ("output", "state_out"):
+        np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
+    # the CPU update reads the fp32 state input itself, not an NPU output
+    assert "state_in" in {t.name for t in cuts[1].inputs}

@@ -1,0 +1,120 @@
+"""The deep policy: consecutive layers in one NPU model per call, legalized, the state update fp32 on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from rwkv_ref import cosine, run_chain
+
+from rwkv2rknn.cli import main as cli_main
+from rwkv2rknn.deep import group_layers
+from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.run.chain import Chain
+from rwkv2rknn.split import split_model
+
+TOKENS = [1, 50, 200, 7, 99, 3, 44, 120, 5, 250]
+
+
+def _logits(manifest, backend="ort", tokens=TOKENS):
+    from rwkv2rknn.run.chain import runner_factory
+
+    m = Manifest.load(manifest)
+    with Chain(m, runner_factory(m, backend)) as chain:
+        return np.stack([chain.step(t).copy() for t in tokens])
+
+
+def test_group_sizes_follow_the_budget():
+    mb = 1024 * 1024
+    groups, head = group_layers([52 * mb] * 24, 206 * mb)  # the 430M shape, fp32
+    assert [len(g) for g in groups] == [8, 8, 8] and head
+    assert sum(groups, []) == list(range(24))
+    groups, head = group_layers([52 * mb] * 24, 206 * mb, layers_per_call=5)
+    assert [len(g) for g in groups] == [5, 5, 5, 5, 4] and head
+    groups, head = group_layers([600 * mb] * 3, 500 * mb)  # one layer per call; the head does not fit
+    assert [len(g) for g in groups] == [1, 1, 1] and not head
+
+
+@pytest.mark.parametrize("state_update, segments", [("cpu", ["npu", "cpu"]), ("npu", ["npu"])])
+def test_deep_split_reproduces_the_model(model_factory, tmp_path, state_update, segments):
+    src = model_factory(layers=4, embd=128, dtype="float32")
+    data, reports = split_model([src], tmp_path / "out", policy="deep", layers_per_call=2, state_update=state_update,
+                                progress=False)
+    assert data["format_version"] == 2
+    names = [g["name"] for g in data["graphs"]]
+    assert names == ["embed", "group_0", "group_1"]
+    assert data["graphs"][1]["covers"] == ["mixing_0", "mixing_1"]
+    assert data["graphs"][2]["covers"] == ["mixing_2", "mixing_3", "head"]
+    for g in data["graphs"][1:]:
+        assert [s["backend"] for s in g["segments"]] == segments
+        assert g["policy"] == "deep" and g["state_update"] == state_update
+        assert any("rewritten" in n for n in g["legalized"])
+    assert [s["backend"] for s in data["graphs"][0]["segments"]] == ["cpu"]  # the embedding lookup stays on the CPU
+    model = data["model"]
+    assert model["logits"] == {"graph": "group_1", "name": "head.output"}
+    assert [s["input"] for s in model["state"]] == [f"mixing_{i}.state_in" for i in range(4)]
+    got = _logits(tmp_path / "out" / "manifest.json")
+    want = run_chain(src, TOKENS)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-5, err
+    # every MatMul FLOP on the NPU, two NPU calls per token
+    assert sum(r.npu_segments for r in reports) == 2
+    assert sum(r.npu_matmul_flops for r in reports) == sum(r.matmul_flops for r in reports)
+
+
+def test_deep_cli_errors(model_factory, tmp_path, capsys):
+    src = model_factory(layers=2, embd=64)
+    assert cli_main(["split", str(src / "mixing_0.onnx"), "--policy", "deep", "-o", str(tmp_path / "a")]) == 2
+    assert "model directory" in capsys.readouterr().err
+    assert cli_main(["split", str(src), "--layers-per-call", "2", "-o", str(tmp_path / "b")]) == 2
+    assert "--layers-per-call" in capsys.readouterr().err
+    assert cli_main(["split", str(src), "--policy", "deep", "--layers-per-call", "0", "-o", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_deep_preview_names_every_legalization(model_factory):
+    src = model_factory(layers=2, embd=128)
+    r = subprocess.run([sys.executable, "-m", "rwkv2rknn", "split", str(src), "--policy", "deep", "--preview", "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "legalize mixing_0.Exp_0: rewritten: Elu(x) + 1" in r.stdout
+    assert "left alone" in r.stdout  # e.g. LayerNorm's broadcast Div, which the compiler keeps on the NPU
+    assert "updates the recurrent state: kept fp32 on the CPU" in r.stdout
+
+
+@pytest.mark.rknn
+def test_deep_build_runs_in_the_simulator_with_no_cpu_op(model_factory, tmp_path):
+    pytest.importorskip("rknn.api")
+    src = model_factory(layers=4, embd=128)
+    out = tmp_path / "out"
+    split_model([src], out, policy="deep", layers_per_call=2, progress=False)
+    assert cli_main(["build", str(out), "-q"]) == 0
+    m = Manifest.load(out / "manifest.json")
+    npu = [s for _, s in m.segments() if s["backend"] == "npu"]
+    assert len(npu) == 2
+    for s in npu:
+        assert s["compiler"]["cpu_ops"] == [] and s["compiler"]["cycles"] > 0, s["compiler"]
+        assert s["verify"]["rel_l2"] <= 1e-2
+    check = m.data["build"]["verify_model"]
+    assert check["logits_cosine_min"] >= 0.999 and check["argmax_agree"] >= 0.95
+    sim, ort_ = _logits(out / "manifest.json", "rknn-sim"), _logits(out / "manifest.json", "ort")
+    assert min(cosine(a, b) for a, b in zip(sim, ort_)) >= 0.999
+
+
+@pytest.mark.slow
+def test_430m_shape_deep_makes_at_most_4_npu_calls(tmp_path):
+    """The 430M shape (24 x 1024, vocab 50277) under --policy deep, in preview: at most 4 NPU calls per token and
+    >= 99% of the MatMul FLOPs on the NPU (export ~25 s, preview ~1-2 min)."""
+    m = tmp_path / "m430"
+    r = subprocess.run([sys.executable, "-m", "rwkv2rknn", "export", "--random", "--layers", "24", "--embd", "1024",
+                        "--vocab", "50277", "-o", str(m), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data, reports = split_model([m], policy="deep", preview=True, progress=False)
+    npu_calls = sum(r.npu_segments for r in reports)
+    share = sum(r.npu_matmul_flops for r in reports) / sum(r.matmul_flops for r in reports)
+    print(f"430M deep: {npu_calls} NPU calls per token, {100 * share:.2f}% of MatMul FLOPs on the NPU, groups "
+          + json.dumps([g.get("covers", [g["name"]]) for g in data["graphs"]]))
+    assert npu_calls <= 4 and share >= 0.99
