@@ -62,14 +62,26 @@ def _constant_row_read(node) -> bool:
             and is_float(node.inputs[0]))
 
 
-def supported(node, target="rk3588", gather_on_npu: bool = False) -> Placement:
-    """The table's answer for one node, ignoring the precision rule."""
+def _float_cast(node) -> bool:
+    """Cast between float types: folded into the model's own fp16 computation (no CPU op; measured)."""
+    return (node.op == "Cast" and len(node.inputs) == 1 and is_float(node.inputs[0])
+            and all(is_float(t) for t in node.outputs))
+
+
+def supported(node, target="rk3588", whole_models: bool = False) -> Placement:
+    """The table's answer for one node, ignoring the precision rule.
+
+    whole_models: the node is part of a whole-layer NPU model (the deep policy), where the compiler also
+    keeps constant-index row reads (Gather) and float-to-float Casts on the NPU.
+    """
     if target not in _TABLES:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     npu_ops, cpu_ops = _TABLES[target]
     op = node.op
-    if gather_on_npu and _constant_row_read(node):
+    if whole_models and _constant_row_read(node):
         return Placement("npu", f"{op}: a constant-index row read, kept on the {target} NPU")
+    if whole_models and _float_cast(node):
+        return Placement("npu", f"{op}: a float-to-float cast, folded into the {target} NPU model")
     if op in cpu_ops:
         return Placement("cpu", f"{op}: {cpu_ops[op]}")
     if op not in npu_ops or node.domain not in ("", "ai.onnx", None):
@@ -133,15 +145,15 @@ def precision_pinned(graph) -> dict:
     return pinned
 
 
-def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False, gather_on_npu: bool = False) -> dict:
+def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False, whole_models: bool = False) -> dict:
     """node name -> Placement for every node; npu_all=True switches the precision rule off.
 
-    gather_on_npu: constant-index row reads (Gather) go to the NPU (the deep policy's whole-layer models).
+    whole_models: row reads (Gather at a constant index) and float Casts go to the NPU (the deep policy).
     """
     pinned = {} if npu_all else precision_pinned(graph)
     result = {}
     for node in graph.nodes:
-        p = supported(node, target, gather_on_npu)
+        p = supported(node, target, whole_models)
         if p.backend == "npu" and node.name in pinned:
             p = Placement("cpu", pinned[node.name])
         result[node.name] = p

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from passes.cut import extract_segments
+from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
 from passes.partition import propose_segments
 from passes.placement import Placement, place
@@ -60,7 +61,9 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
         if state_update == "cpu" and state_pairs:
             ins, outs = [a for a, _ in state_pairs], [b for _, b in state_pairs]
             update = clone_state_reads(graph, update_only_nodes(graph, ins, outs), ins)
-        placement = place(graph, target=target, npu_all=True, gather_on_npu=True)
+        elif state_pairs:  # the NPU owns the state: keep it fp16 between calls, no conversion per token
+            graph = fp16_boundary(graph, [n for pair in state_pairs for n in pair])
+        placement = place(graph, target=target, npu_all=True, whole_models=True)
         for node in graph.nodes:
             if node.name in update:
                 placement[node.name] = Placement("cpu", STATE_UPDATE_REASON.format(op=node.op))

@@ -217,8 +217,11 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _model_loop(model: RwkvModel, units: list[Unit], graph_policy: dict[str, str], npu_all: bool) -> dict:
+def _model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all: bool) -> dict:
     unit_of = {src.name: u for u in units for src in u.sources}
+    graph_policy = {e["name"]: e["policy"] for e in entries}
+    # a state the NPU keeps in fp16 between calls (deep, --state-update npu) is carried as float16
+    state_dtype = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
 
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
@@ -240,7 +243,7 @@ def _model_loop(model: RwkvModel, units: list[Unit], graph_policy: dict[str, str
         g = f"mixing_{i}"
         r_in, r_out = ref(g, "state_in"), ref(g, "state_out")
         state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
-                      "shape": [model.state_rows, model.n_embd], "dtype": "float32",
+                      "shape": [model.state_rows, model.n_embd], "dtype": state_dtype.get(r_in["name"], "float32"),
                       "init": {"fill": 0.0, "rows": init_rows(g)}})
     return {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),
@@ -249,20 +252,46 @@ def _model_loop(model: RwkvModel, units: list[Unit], graph_policy: dict[str, str
             "links": links, "state": state}
 
 
+def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict, list[GraphReport]]:
+    """auto for a whole model: per-graph auto (cpu, matmul, fused, layer per graph) against deep, by prediction."""
+    grouped = [p.name for p in policies.concrete() if p.groups_layers]
+    plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
+    for name in grouped:
+        plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)
+    ms = {name: sum(r.predicted_ms for r in reports) for name, (_, reports) in plans.items()}
+    ranked = sorted(ms, key=lambda n: (ms[n], n))
+    best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
+    label = {"auto": "per-graph choice among cpu, matmul, fused, layer"}
+    record = {"policy": "auto", "auto": {"chosen": best, "board": kw["board"], "predicted_ms": round(ms[best], 4),
+                       "candidates": {n: round(v, 4) for n, v in ms.items()},
+                       "reason": f"lowest predicted decode time per token: {best} ({label.get(best, best)}) "
+                                 f"{ms[best]:.2f} ms" + (f", runner-up {second} {ms[second]:.2f} ms" if second else "")}}
+    if preview:
+        data, reports = plans[best]
+        data.update(record)
+        return data, reports
+    data, reports = split_model(paths, out_dir, policy=best, preview=False, force=force, _record=record, **kw)
+    return data, reports
+
+
 def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
                 target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
                 force: bool = False, preview: bool = False, progress: bool = True,
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
-                state_update: str = "cpu") -> tuple[dict, list[GraphReport]]:
+                state_update: str = "cpu", _record: dict | None = None) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
     segment carries its cost features; `board` prices the plans (the `auto` policy chooses by it).
     deep: `layers_per_call` layers per merged graph (default: as many as the size budget allows);
     `state_update` "cpu" keeps the recurrent-state update fp32 on the CPU, "npu" puts it in the NPU model.
+    auto on a whole model: the cheaper (predicted) of per-graph auto and deep, recorded as the manifest's `auto`.
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
+    if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
+        return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
+                           preview=preview, progress=progress, board=board, state_update=state_update)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
@@ -306,11 +335,11 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     def manifest_data() -> dict:
-        chosen = {e["name"]: e["policy"] for e in entries}
         return {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
-                "graphs": entries, "model": _model_loop(model, work, chosen, npu_all) if model else None}
+                "graphs": entries, "model": _model_loop(model, work, entries, npu_all) if model else None,
+                **(_record or {})}
 
     if preview:
         run(None)

@@ -275,7 +275,9 @@ def unit_profile(tmp_path):
 
 
 def feats(**kw):
-    f = {"version": 1, "rows": 1, "nodes": 1, "matmuls": 0, "matmul_flops": 0, "elementwise_elems": 0,
+    from rwkv2rknn.cost.features import FEATURES_VERSION
+
+    f = {"version": FEATURES_VERSION, "rows": 1, "nodes": 1, "matmuls": 0, "matmul_flops": 0, "elementwise_elems": 0,
          "weight_bytes": {"stored": 0, "fp32": 0, "fp16": 0}, "input_bytes": 0, "output_bytes": 0, "npu_ops": 0,
          "cpu_ops": [], "multicore_weight_share": 0.0, "multicore_flops_share": 0.0}
     f.update(kw)
@@ -302,6 +304,17 @@ def hand_manifest(compiler=None, fallback=True):
         {"name": "g1", "segments": [a, {"id": "g1.s1", "backend": "cpu", "onnx": "b.onnx", "inputs": [],
                                         "outputs": [], "cost": SEG_B}]},
         {"name": "g2", "segments": [c]}]}
+
+
+def test_fp16_boundaries_are_not_converted(unit_profile):
+    """A state kept fp16 between calls (deep --state-update npu) costs no conversion; fp32 bytes do."""
+    base = feats(input_bytes=4000, output_bytes=4000, convert_in_bytes=4000, convert_out_bytes=4000)
+    half = feats(input_bytes=4000, output_bytes=4000, convert_in_bytes=1000, convert_out_bytes=0)
+    full = price_segment(base, unit_profile, "npu").breakdown["conversion"]
+    part = price_segment(half, unit_profile, "npu").breakdown["conversion"]
+    p = unit_profile
+    assert full == pytest.approx(4000e-9 * (p.conv_in_ns_per_byte + p.conv_out_ns_per_byte))
+    assert part == pytest.approx(1000e-9 * p.conv_in_ns_per_byte)
 
 
 def test_estimator_arithmetic_by_hand(unit_profile):
@@ -630,17 +643,23 @@ def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul, model_factory):
     assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-4)
 
 
-def test_auto_is_never_predicted_worse_than_any_single_policy_430m(model_factory):
+def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
     from rwkv2rknn import policies
+    from rwkv2rknn.split import split_model
 
-    m2 = model_factory(layers=2, embd=1024, vocab=50277)
+    m2 = model_factory(layers=3, embd=512, vocab=4096)
     board = load_profile("rk3588")
     auto = features_plan([m2], policy="auto")
     got = estimate(auto, board).decode_ms_per_token
     for p in policies.concrete():
         other = estimate(features_plan([m2], policy=p.name), board).decode_ms_per_token
         assert got <= other + 1e-9, (p.name, got, other)
-    for g in auto["graphs"]:
+    top = auto["auto"]
+    assert set(top["candidates"]) == {"auto", "deep"} and top["predicted_ms"] == min(top["candidates"].values())
+    assert top["reason"].startswith("lowest predicted decode time")
+    per_graph = auto if top["chosen"] == "auto" else split_model([m2], policy="auto", preview=True,
+                                                                 progress=False, _record={})[0]
+    for g in per_graph["graphs"]:
         rec = g["auto"]
         assert rec["chosen"] == g["policy"] and rec["runner_up"]["policy"] != rec["chosen"]
         assert rec["predicted_ms"] == min(rec["candidates"].values())

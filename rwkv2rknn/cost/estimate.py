@@ -139,7 +139,8 @@ def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler
     b["npu_compute"] += (npu_ops * p.npu_op_us * 1e-6
                          + f.get("elementwise_elems", 0) * s * _NPU_ELEM_BYTES / r1)
     b["hops"] = hops * p.npu_hop_us * 1e-6
-    b["conversion"] = (f["input_bytes"] * p.conv_in_ns_per_byte + f["output_bytes"] * p.conv_out_ns_per_byte) * s * 1e-9
+    conv_in, conv_out = f.get("convert_in_bytes", f["input_bytes"]), f.get("convert_out_bytes", f["output_bytes"])
+    b["conversion"] = (conv_in * p.conv_in_ns_per_byte + conv_out * p.conv_out_ns_per_byte) * s * 1e-9
     b["npu_call"] = (p.npu_call_us + (p.npu_multicore_call_us if mask == 7 else 0.0)) * 1e-6
     return sum(b.values()), b, hops
 

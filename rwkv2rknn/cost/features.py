@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 # Ops that only rename or reshape a tensor: the RKNN compiler folds them; onnxruntime still dispatches them.
 SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Constant")
@@ -292,13 +292,14 @@ def segment_features(model: onnx.ModelProto, backend: str = "npu") -> dict:
             npu_ops += 1
     npu_ops += ln_count  # each decomposed LayerNorm is one exNorm
 
-    def io_bytes(values):
+    def io_bytes(values, only=None):
         total = 0
         for vi in values:
             if vi.name in consts:
                 continue
             et, shape = infos.get(vi.name, (vi.type.tensor_type.elem_type, None))
-            total += _numel(shape) * _itemsize(et)
+            if only is None or et == only:
+                total += _numel(shape) * _itemsize(et)
         return total
 
     heavy = mc_w16 / f16 if f16 else (mc_flops / flops if flops else 0.0)
@@ -320,6 +321,9 @@ def segment_features(model: onnx.ModelProto, backend: str = "npu") -> dict:
         "cpu_ops": cpu_ops,
         "input_bytes": io_bytes(g.input),
         "output_bytes": io_bytes(g.output),
+        # what the board converts per call: fp32 boundaries (fp16 ones, e.g. a state kept fp16, pass through)
+        "convert_in_bytes": io_bytes(g.input, onnx.TensorProto.FLOAT),
+        "convert_out_bytes": io_bytes(g.output, onnx.TensorProto.FLOAT),
         "op_counts": dict(sorted(ops.items())),
         "multicore": bool(n_mm and heavy >= 0.5),
         "multicore_weight_share": round(mc_w16 / f16, 6) if f16 else 0.0,

@@ -78,10 +78,18 @@ def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int | No
     return make
 
 
-def _shape_fixer(fn, shapes):
-    """Runners outside onnxruntime may return [1, C] for [C]: reshape (a view) to the manifest shapes."""
+def _shape_fixer(fn, specs):
+    """Runners outside onnxruntime may return [1, C] for [C] (reshape: a view), and float32 for a float16
+    output (a state the NPU keeps in fp16 between calls): give the manifest's shapes and dtypes."""
+    want = [(tuple(t["shape"]), np.dtype(t["dtype"])) for t in specs]
+
     def call(arrays):
-        return [o if o.shape == s else o.reshape(s) for o, s in zip(fn(arrays), shapes)]
+        out = []
+        for o, (shape, dt) in zip(fn(arrays), want):
+            if o.shape != shape:
+                o = o.reshape(shape)
+            out.append(o if o.dtype == dt else o.astype(dt))
+        return out
     return call
 
 
@@ -139,7 +147,7 @@ class Chain:
                 outs = [t["name"] for t in seg["outputs"]]
                 fn = runner.infer_list
                 if not isinstance(runner, OrtRunner):
-                    fn = _shape_fixer(fn, [tuple(t["shape"]) for t in seg["outputs"]])
+                    fn = _shape_fixer(fn, seg["outputs"])
                 if trace is not None or record is not None:
                     fn = self._traced(fn, seg, runner, ins, trace, record)
                 plan.raw.append((fn, ins, outs, seg["id"]))

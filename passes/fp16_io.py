@@ -1,0 +1,43 @@
+"""fp16 boundaries: declare chosen fp32 graph inputs/outputs float16, converted by a Cast inside the graph.
+
+A recurrent state the NPU both reads and writes can then stay float16 between calls: no fp32 <-> fp16
+conversion of it per token on the board (the RKNN compiler folds such Casts into the model's own fp16
+computation; measured with rknn-toolkit2 2.5.0: no CPU op). Exact for values the NPU holds in fp16 anyway.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.graphutil import np_dtype, toposort
+
+_F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
+
+
+def fp16_boundary(graph: gs.Graph, names: list[str]) -> gs.Graph:
+    """Make the named float32 graph inputs and outputs float16 at the boundary (Casts inside)."""
+    wanted = set(names)
+    found = set()
+    for i, t in enumerate(list(graph.inputs)):
+        if t.name not in wanted or np_dtype(t.dtype) != _F32:
+            continue
+        found.add(t.name)
+        outer = gs.Variable(t.name, dtype=_F16, shape=t.shape)
+        t.name = f"{t.name}.fp32"
+        graph.nodes.insert(0, gs.Node("Cast", name=f"{outer.name}.to_fp32", attrs={"to": onnx.TensorProto.FLOAT},
+                                      inputs=[outer], outputs=[t]))
+        graph.inputs[i] = outer
+    for i, t in enumerate(list(graph.outputs)):
+        if t.name not in wanted or np_dtype(t.dtype) != _F32:
+            continue
+        found.add(t.name)
+        outer = gs.Variable(t.name, dtype=_F16, shape=t.shape)
+        t.name = f"{t.name}.fp32"
+        graph.nodes.append(gs.Node("Cast", name=f"{outer.name}.to_fp16", attrs={"to": onnx.TensorProto.FLOAT16},
+                                   inputs=[t], outputs=[outer]))
+        graph.outputs[i] = outer
+    missing = wanted - found
+    if missing:
+        raise ValueError(f"fp16_boundary: no float32 graph input or output named {sorted(missing)[0]!r}")
+    return toposort(graph)
