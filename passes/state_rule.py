@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import onnx_graphsurgeon as gs
-
-# Data-movement ops whose clones are free and exact: a CPU copy of a state read.
-_CLONEABLE = ("Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
-
 
 def _users(graph: gs.Graph) -> dict[str, list]:
     users: dict[str, list] = {}
@@ -52,43 +49,120 @@ def update_only_nodes(graph: gs.Graph, state_inputs: list[str], state_outputs: l
     return {n.name for n in graph.nodes if id(n) in depends and not reaches_other[id(n)]}
 
 
-def clone_state_reads(graph: gs.Graph, update: set[str], state_inputs: list[str]) -> set[str]:
-    """Give the update its own copies of the state reads it shares with other nodes; returns the enlarged set.
+def _row_of(node, state) -> int | None:
+    """The state row a node reads: Gather(state, r) or Slice(state, r, r + 1) on axis 0; None otherwise."""
+    if not node.inputs or node.inputs[0] is not state:
+        return None
 
-    A read is a chain of data-movement ops from a state input (e.g. Gather(state_in, 2)). The copy is
-    placed right after the original, so the graph stays topologically sorted.
+    def const(t):
+        return int(np.asarray(t.values).reshape(-1)[0]) if isinstance(t, gs.Constant) and t.values.size == 1 else None
+
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) == 2:
+        return const(node.inputs[1])
+    if node.op == "Slice" and len(node.inputs) >= 3:
+        start, end = const(node.inputs[1]), const(node.inputs[2])
+        axes = const(node.inputs[3]) if len(node.inputs) > 3 else 0
+        if start is not None and end == start + 1 and axes == 0:
+            return start
+    return None
+
+
+def recurrent_rows(graph: gs.Graph, state_pairs) -> dict[str, set[int] | None]:
+    """Per state input, the rows that are written from themselves (a recurrence), or None for the whole tensor.
+
+    Uses the token-batching pass's analysis of a single-token graph (passes/batch.py): a row is recurrent when
+    its new value depends on its old one; a shift row (the previous token's value) is not.
     """
-    state = set(state_inputs)
-    by_output = {t.name: n for n in graph.nodes for t in n.outputs}
+    from passes.batch import plan_batch
 
-    def is_read(node) -> bool:
-        if node.op not in _CLONEABLE:
-            return False
-        data = [t for t in node.inputs if isinstance(t, gs.Variable)]
-        return bool(data) and all(t.name in state or (t.name in by_output and is_read(by_output[t.name]))
-                                  for t in data)
+    plan = plan_batch(graph, state_pairs)
+    out: dict[str, set[int] | None] = {}
+    for u in plan.units:
+        if u.kind != "recurrent":
+            out.setdefault(u.state_in, set())
+            continue
+        if u.row is None:
+            out[u.state_in] = None
+        elif out.get(u.state_in, set()) is not None:
+            out.setdefault(u.state_in, set()).add(u.row)
+    return out
 
+
+def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int] | None] | None = None) -> set[str]:
+    """The CPU side of the rule; returns the names of the nodes that run on the CPU (clones included).
+
+    The update is every node on a path from a recurrent read of a state (its old value) to the recurrent
+    write (its new value), plus what only assembles the state outputs. Update nodes that also feed the
+    output side (the reads of state rows; in a graph batched over M tokens, the scan's intermediate states)
+    keep their place and the update gets its own full-precision copy, inserted right after the original.
+    recurrent: state input -> recurrent rows (None: the whole tensor), from `recurrent_rows` of the
+    single-token graph; default: computed from this graph.
+    """
+    ins = [a for a, _ in state_pairs]
+    outs = [b for _, b in state_pairs]
+    if recurrent is None:
+        recurrent = recurrent_rows(graph, state_pairs)
+    users = _users(graph)
+    tensors = graph.tensors()
+    producer = {t.name: n for n in graph.nodes for t in n.outputs}
+    cone: set[int] = set()
+    for a, b in state_pairs:  # per state: a later layer's update depends on an earlier layer's state via its input
+        rows = recurrent.get(a, set())
+        sin = tensors[a]
+        if rows is None:
+            reads, writes = {a}, {b}
+        else:
+            reads = {t.name for n in users.get(a, ()) if _row_of(n, sin) in rows for t in n.outputs}
+            prod = producer.get(b)
+            writes = ({prod.inputs[r].name for r in rows if r < len(prod.inputs)}
+                      if rows and prod is not None and prod.op == "Concat" else set())
+        if not reads or not writes:
+            continue
+        depends = {id(n) for n in users.get(a, ()) if any(t.name in reads for t in n.outputs)}
+        for node in graph.nodes:
+            if id(node) not in depends and any(
+                    isinstance(t, gs.Variable) and (t.name in reads or id(producer.get(t.name)) in depends)
+                    for t in node.inputs):
+                depends.add(id(node))
+        reaches: set[int] = set()
+        for node in reversed(graph.nodes):
+            if any(t.name in writes for t in node.outputs) or any(
+                    id(u) in reaches for t in node.outputs for u in users.get(t.name, ())):
+                reaches.add(id(node))
+        cone |= depends & reaches
+    update_only = update_only_nodes(graph, ins, outs)
+    cpu_ids = cone | {id(n) for n in graph.nodes if n.name in update_only}
+    other_outputs = {t.name for t in graph.outputs} - set(outs)
+
+    # shared: cone nodes the output side needs too (directly, or through another shared node); they keep
+    # their place and the update uses copies. Reverse topological order closes the set in one pass.
+    shared: set[int] = set()
+    for node in reversed(graph.nodes):
+        if id(node) not in cone:
+            continue
+        if any(t.name in other_outputs or any(id(u) not in cpu_ids or id(u) in shared for u in users.get(t.name, ()))
+               for t in node.outputs):
+            shared.add(id(node))
     clones: dict[int, gs.Node] = {}
-    out = set(update)
+    cpu = {n.name for n in graph.nodes if id(n) in cpu_ids and id(n) not in shared}
 
     def clone(node) -> gs.Node:
         if id(node) in clones:
             return clones[id(node)]
         new_inputs = []
         for t in node.inputs:
-            prod = by_output.get(t.name) if isinstance(t, gs.Variable) else None
-            new_inputs.append(clone(prod).outputs[0] if prod is not None else t)
-        outs = [gs.Variable(f"{t.name}.fp32", dtype=t.dtype, shape=t.shape) for t in node.outputs]
-        copy = gs.Node(node.op, name=f"{node.name}.fp32", attrs=dict(node.attrs), inputs=new_inputs, outputs=outs)
+            prod = producer.get(t.name) if isinstance(t, gs.Variable) else None
+            new_inputs.append(clone(prod).outputs[0] if prod is not None and id(prod) in shared else t)
+        new_outs = [gs.Variable(f"{t.name}.fp32", dtype=t.dtype, shape=t.shape) for t in node.outputs]
+        copy = gs.Node(node.op, name=f"{node.name}.fp32", attrs=dict(node.attrs), inputs=new_inputs, outputs=new_outs)
         graph.nodes.insert(graph.nodes.index(node) + 1, copy)
         clones[id(node)] = copy
-        out.add(copy.name)
+        cpu.add(copy.name)
         return copy
 
-    for node in [n for n in graph.nodes if n.name in update]:
-        for i, t in enumerate(node.inputs):
-            prod = by_output.get(t.name) if isinstance(t, gs.Variable) else None
-            if prod is None or prod.name in update or not is_read(prod):
-                continue
-            node.inputs[i] = clone(prod).outputs[0]
-    return out
+    for node in [n for n in graph.nodes if n.name in cpu]:
+        for i, t in enumerate(list(node.inputs)):
+            prod = producer.get(t.name) if isinstance(t, gs.Variable) else None
+            if prod is not None and id(prod) in shared:
+                node.inputs[i] = clone(prod).outputs[0]
+    return cpu

@@ -16,7 +16,7 @@ from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
 from passes.partition import propose_segments
 from passes.placement import Placement, place
-from passes.state_rule import clone_state_reads, update_only_nodes
+from passes.state_rule import clone_state_cone
 from rwkv2rknn import policies
 from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
 from rwkv2rknn.cost.features import segment_features
@@ -44,12 +44,14 @@ STATE_UPDATES = ("cpu", "npu")
 
 
 def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile,
-               state_pairs: list[tuple[str, str]] = (), state_update: str = "cpu") -> GraphPlan:
+               state_pairs: list[tuple[str, str]] = (), state_update: str = "cpu",
+               recurrent: dict | None = None) -> GraphPlan:
     """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut.
 
     deep: the graph is legalized (ops the compiler would run on its CPU rewritten), every node may go to
-    the NPU, and with state_update "cpu" the nodes that only update a state of `state_pairs` stay fp32 on
-    the CPU (passes/state_rule.py): one NPU call, then one CPU call for the update.
+    the NPU, and with state_update "cpu" the nodes that update a recurrent state of `state_pairs` stay fp32
+    on the CPU (passes/state_rule.py): one NPU call, then one CPU call for the update. `recurrent`: the
+    recurrent rows per state input (from the single-token graph, for a graph batched over tokens).
     """
     pol = policies.get(policy)
     notes = []
@@ -59,8 +61,7 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
         graph, notes = legalize(graph)
         update = set()
         if state_update == "cpu" and state_pairs:
-            ins, outs = [a for a, _ in state_pairs], [b for _, b in state_pairs]
-            update = clone_state_reads(graph, update_only_nodes(graph, ins, outs), ins)
+            update = clone_state_cone(graph, state_pairs, recurrent)
         elif state_pairs:  # the NPU owns the state: keep it fp16 between calls, no conversion per token
             graph = fp16_boundary(graph, [n for pair in state_pairs for n in pair])
         placement = place(graph, target=target, npu_all=True, whole_models=True)

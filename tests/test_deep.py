@@ -59,7 +59,11 @@ def test_deep_split_reproduces_the_model(model_factory, tmp_path, state_update, 
     got = _logits(tmp_path / "out" / "manifest.json")
     want = run_chain(src, TOKENS)
     err = np.abs(got - want).max() / np.abs(want).max()
-    assert err <= 1e-5, err
+    if state_update == "cpu":
+        assert err <= 1e-5, err
+    else:  # the state is carried in fp16 between calls by design: fp16 rounding, no drift over 10 tokens
+        assert [s["dtype"] for s in model["state"]] == ["float16"] * 4
+        assert 0 < err <= 2e-3 and min(cosine(a, b) for a, b in zip(got, want)) >= 0.99999, err
     # every MatMul FLOP on the NPU, two NPU calls per token
     assert sum(r.npu_segments for r in reports) == 2
     assert sum(r.npu_matmul_flops for r in reports) == sum(r.matmul_flops for r in reports)
@@ -118,3 +122,55 @@ def test_430m_shape_deep_makes_at_most_4_npu_calls(tmp_path):
     print(f"430M deep: {npu_calls} NPU calls per token, {100 * share:.2f}% of MatMul FLOPs on the NPU, groups "
           + json.dumps([g.get("covers", [g["name"]]) for g in data["graphs"]]))
     assert npu_calls <= 4 and share >= 0.99
+
+
+@pytest.mark.rknn
+@pytest.mark.slow
+def test_deep_on_the_trained_model_tracks_fp32_and_the_reference_over_256_tokens(trained_model, tmp_path):
+    """The issue's Must show: the trained fixture, deep, built and run in the simulator on a 256-token text:
+    logits within cosine 0.999 of onnxruntime fp32 and of the `rwkv` package, the same argmax at the end."""
+    import os
+
+    from conftest import TRAINED_PTH, heldout_bytes
+
+    tokens = list(heldout_bytes(256))
+    out = tmp_path / "out"
+    split_model([trained_model], out, policy="deep", progress=False)
+    assert cli_main(["build", str(out), "-q"]) == 0
+    m = Manifest.load(out / "manifest.json")
+    assert all(s["compiler"]["cpu_ops"] == [] for _, s in m.segments() if s["backend"] == "npu")
+    sim = _logits(out / "manifest.json", "rknn-sim", tokens)
+    fp32 = _logits(out / "manifest.json", "ort", tokens)
+    os.environ["RWKV_JIT_ON"] = "0"
+    from rwkv.model import RWKV
+
+    ref_model = RWKV(model=str(TRAINED_PTH)[:-4], strategy="cpu fp32")
+    state, ref = None, []
+    for t in tokens:
+        logits, state = ref_model.forward([t], state)
+        ref.append(logits.detach().numpy().astype(np.float64))
+    worst_fp32 = min(cosine(a, b) for a, b in zip(sim, fp32))
+    worst_ref = min(cosine(a, b) for a, b in zip(sim, ref))
+    agree = np.mean([int(a.argmax()) == int(b.argmax()) for a, b in zip(sim, fp32)])
+    print(f"deep on the trained fixture, 256 tokens: worst cosine vs fp32 {worst_fp32:.6f}, vs the rwkv package "
+          f"{worst_ref:.6f}, argmax agreement {100 * agree:.1f}%")
+    assert worst_fp32 >= 0.999 and worst_ref >= 0.999
+    assert int(sim[-1].argmax()) == int(fp32[-1].argmax()) == int(ref[-1].argmax())
+
+
+@pytest.mark.rknn
+@pytest.mark.slow
+def test_4x1024_deep_model_builds_with_no_cpu_op(model_factory, tmp_path):
+    """The issue's Must show: a built 4x1024 deep model whose NPU segments' compiler tables list no CPU op."""
+    src = model_factory(layers=4, embd=1024, vocab=256)
+    out = tmp_path / "out"
+    split_model([src], out, policy="deep", progress=False)
+    assert cli_main(["build", str(out), "-q"]) == 0
+    m = Manifest.load(out / "manifest.json")
+    npu = [s for _, s in m.segments() if s["backend"] == "npu"]
+    assert len(npu) == 1  # 4 layers and the head in one NPU model
+    for s in npu:
+        print(s["id"], s["compiler"])
+        assert s["compiler"]["cpu_ops"] == [] and s["compiler"]["cycles"] > 0
+        assert s["verify"]["rel_l2"] <= 1e-2
+    assert m.data["build"]["verify_model"]["logits_cosine_min"] >= 0.999

@@ -11,7 +11,7 @@ from passes.cut import extract_segments
 from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import Placement, place
-from passes.state_rule import clone_state_reads, update_only_nodes
+from passes.state_rule import clone_state_cone, update_only_nodes
 from rwkv2rknn.checkpoints import random_weights
 from rwkv2rknn.export import build_mixing
 
@@ -42,11 +42,12 @@ def test_update_nodes_are_the_aa_bb_pp_update_only():
 
 
 def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer():
+    """At M=1 the update shares only the reads of the state rows with the output side: those are cloned."""
     g = _layer()
     ref_model = gs.export_onnx(g.copy())
     update = update_only_nodes(g, ["state_in"], ["state_out"])
     shared = [n for n in g.nodes if n.op == "Gather" and n.name not in update]
-    grown = clone_state_reads(g, update, ["state_in"])
+    grown = clone_state_cone(g, [("state_in", "state_out")])
     clones = [n for n in g.nodes if n.name in grown - update]
     assert clones and all(c.op == "Gather" and c.inputs[0].name == "state_in" for c in clones)
     assert len(clones) <= len(shared)
@@ -55,7 +56,7 @@ def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer
             for t in n.inputs:
                 for p in t.inputs:
                     assert p.name in grown or p.op not in ("Gather",), (n.name, p.name)
-    placement = place(g, npu_all=True, gather_on_npu=True)
+    placement = place(g, npu_all=True, whole_models=True)
     for n in g.nodes:
         if n.name in grown:
             placement[n.name] = Placement("cpu", "update")
@@ -74,4 +75,42 @@ def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer
     for name in ("output", "state_out"):
         np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
     # the CPU update reads the fp32 state input itself, not an NPU output
+    assert "state_in" in {t.name for t in cuts[1].inputs}
+
+
+def test_batched_layer_gets_its_own_fp32_scan_for_the_final_state():
+    """Over M tokens the update shares the scan's intermediate states with the outputs: the CPU gets a copy of
+    the scan (from the fp32 state input and the NPU's k, v), so the state it writes never passes through fp16."""
+    from passes.batch import batch_tokens
+    from passes.state_rule import recurrent_rows
+
+    pairs = [("state_in", "state_out")]
+    g = _layer()
+    rows = recurrent_rows(g, pairs)
+    assert rows == {"state_in": {2, 3, 4}}  # aa, bb, pp; rows 0 and 1 are token shifts
+    m = 4
+    b = batch_tokens(g, m, pairs)
+    ref_model = gs.export_onnx(b.copy())
+    cpu = clone_state_cone(b, pairs, rows)
+    on_cpu = [n for n in b.nodes if n.name in cpu]
+    assert any(n.name.endswith(".fp32") for n in on_cpu)  # copies of the shared scan steps
+    assert sum(n.op == "Max" for n in on_cpu) == m  # one pp' max per token: the whole scan runs on the CPU
+    assert not any(n.op == "MatMul" for n in b.nodes if n.name in cpu)  # projections stay on the NPU side
+    placement = place(b, npu_all=True, whole_models=True)
+    for n in b.nodes:
+        if n.name in cpu:
+            placement[n.name] = Placement("cpu", "update")
+    segs = propose_segments(b, placement, policy="deep")
+    assert [s.backend for s in segs] == ["npu", "cpu"]
+    cuts = extract_segments(b, segs)
+    rng = np.random.default_rng(1)
+    state = rng.standard_normal((5, C)).astype(np.float32)
+    state[2:4] = np.abs(state[2:4]) + 1
+    feed = {"input": rng.standard_normal((m, C)).astype(np.float32), "state_in": state}
+    want = _run(ref_model, feed)
+    env = dict(feed)
+    for c in cuts:
+        env.update(_run(c.model, env))
+    for name in ("output", "state_out"):
+        np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
     assert "state_in" in {t.name for t in cuts[1].inputs}
