@@ -27,11 +27,7 @@ class Unit:
 
     name: str
     sources: list  # rwkv2rknn.model.SourceGraph, in execution order
-
-    @property
-    def merged(self) -> bool:
-        return len(self.sources) != 1 or self.sources[0].name != self.name
-
+    merged: bool = False  # the sources merged into one graph whose names are `<source>.<name>`
 
 def _fp32_bytes(src, float_dtype: str) -> int:
     return src.path.stat().st_size * (2 if float_dtype == "float16" else 1)
@@ -75,7 +71,7 @@ def units(model, grouped: bool, layers_per_call: int | None = None, budget: int 
         members = [layers[i] for i in idx]
         if head_in_last and k == len(groups) - 1:
             members.append(head)
-        out.append(Unit(f"group_{k}", members))
+        out.append(Unit(f"group_{k}", members, merged=True))
     if not head_in_last:
         out.append(Unit(head.name, [head]))
     return out

@@ -36,6 +36,61 @@ _REF = {
     "required": ["graph", "name"],
     "properties": {"graph": {"type": "string"}, "name": {"type": "string"}},
 }
+_GRAPH = {
+        "type": "object",
+        "required": ["name", "inputs", "outputs", "segments"],
+        "oneOf": [{"required": ["source"]}, {"required": ["sources", "covers"]}],
+        "properties": {
+            "name": {"type": "string"},
+            "source": _SOURCE,
+            "sources": {"type": "array", "minItems": 1, "items": _SOURCE},
+            "covers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "policy": {"type": "string"},
+            "inputs": {"type": "array", "items": _TENSOR},
+            "outputs": {"type": "array", "items": _TENSOR},
+            "segments": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["id", "backend", "onnx", "inputs", "outputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "backend": {"enum": ["npu", "cpu"]},
+                        "onnx": {"type": "string"},
+                        "sha256": {"type": "string"},
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {"type": "array", "items": _TENSOR},
+                        "rknn": {"type": "string"},
+                        "rknn_sha256": {"type": "string"},
+                        "verify": {
+                            "type": "object",
+                            "properties": {
+                                "cosine": {"type": "number"},
+                                "max_abs": {"type": "number"},
+                                "rel_l2": {"type": "number", "minimum": 0},
+                                "worst_output": {"type": "string"},
+                                "scale": {"type": "number"},
+                            },
+                        },
+                        "fallback_reason": {"type": "string"},
+                        "precision": {"enum": ["fp16", "w8a8"]},
+                        "precision_reason": {"type": "string"},
+                        "calib": {"type": "string"},
+                        "cost": {"type": "object"},
+                        "compiler": {
+                            "type": "object",
+                            "required": ["ops", "cpu_ops", "cycles"],
+                            "properties": {"ops": {"type": "integer", "minimum": 0},
+                                           "cpu_ops": {"type": "array", "items": {"type": "string"}},
+                                           "cycles": {"type": "integer", "minimum": 0}},
+                        },
+                        "core_mask": {"enum": [0, 1, 2, 3, 4, 7]},
+                    },
+                },
+            },
+        },
+    }
 SCHEMA = {
     "type": "object",
     "required": ["format_version", "target", "graphs"],
@@ -43,63 +98,21 @@ SCHEMA = {
         "format_version": {"type": "integer", "minimum": 1},
         "target": {"type": "string"},
         "policy": {"type": "string"},
-        "graphs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "inputs", "outputs", "segments"],
-                "oneOf": [{"required": ["source"]}, {"required": ["sources", "covers"]}],
-                "properties": {
-                    "name": {"type": "string"},
-                    "source": _SOURCE,
-                    "sources": {"type": "array", "minItems": 1, "items": _SOURCE},
-                    "covers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                    "policy": {"type": "string"},
-                    "inputs": {"type": "array", "items": _TENSOR},
-                    "outputs": {"type": "array", "items": _TENSOR},
-                    "segments": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["id", "backend", "onnx", "inputs", "outputs"],
-                            "properties": {
-                                "id": {"type": "string"},
-                                "backend": {"enum": ["npu", "cpu"]},
-                                "onnx": {"type": "string"},
-                                "sha256": {"type": "string"},
-                                "inputs": {"type": "array", "items": _TENSOR},
-                                "outputs": {"type": "array", "items": _TENSOR},
-                                "rknn": {"type": "string"},
-                                "rknn_sha256": {"type": "string"},
-                                "verify": {
-                                    "type": "object",
-                                    "properties": {
-                                        "cosine": {"type": "number"},
-                                        "max_abs": {"type": "number"},
-                                        "rel_l2": {"type": "number", "minimum": 0},
-                                        "worst_output": {"type": "string"},
-                                        "scale": {"type": "number"},
-                                    },
-                                },
-                                "fallback_reason": {"type": "string"},
-                                "precision": {"enum": ["fp16", "w8a8"]},
-                                "precision_reason": {"type": "string"},
-                                "calib": {"type": "string"},
-                                "cost": {"type": "object"},
-                                "compiler": {
-                                    "type": "object",
-                                    "required": ["ops", "cpu_ops", "cycles"],
-                                    "properties": {"ops": {"type": "integer", "minimum": 0},
-                                                   "cpu_ops": {"type": "array", "items": {"type": "string"}},
-                                                   "cycles": {"type": "integer", "minimum": 0}},
-                                },
-                                "core_mask": {"enum": [0, 1, 2, 3, 4, 7]},
-                            },
-                        },
-                    },
-                },
+        "graphs": {"type": "array", "minItems": 1, "items": _GRAPH},
+        "prefill": {
+            "type": "object",
+            "required": ["chunk", "graphs", "order", "links", "state", "token_input", "logits"],
+            "properties": {
+                "chunk": {"type": "integer", "minimum": 2},
+                "graphs": {"type": "array", "minItems": 1, "items": _GRAPH},
+                "order": {"type": "array", "items": {"type": "string"}},
+                "links": {"type": "array", "items": {"type": "object", "required": ["from", "to"],
+                                                     "properties": {"from": _REF, "to": _REF,
+                                                                    "last": {"type": "boolean"}}}},
+                "state": {"type": "array", "items": {"type": "object",
+                                                     "required": ["graph", "input", "output", "dtype"]}},
+                "token_input": _REF,
+                "logits": _REF,
             },
         },
         "model": {
@@ -164,6 +177,15 @@ class Manifest:
         return self.data["graphs"]
 
     @property
+    def prefill(self) -> dict | None:
+        """The prefill plan (M prompt tokens per call), or None."""
+        return self.data.get("prefill")
+
+    def all_graphs(self) -> list[dict]:
+        """The decode plan's graphs, then the prefill plan's."""
+        return self.graphs + (self.prefill["graphs"] if self.prefill else [])
+
+    @property
     def model(self) -> dict | None:
         return self.data.get("model")
 
@@ -172,8 +194,8 @@ class Manifest:
         return self.data["target"]
 
     def segments(self):
-        """Every (graph, segment) pair in execution order."""
-        for g in self.graphs:
+        """Every (graph, segment) pair: the decode plan in execution order, then the prefill plan."""
+        for g in self.all_graphs():
             for s in g["segments"]:
                 yield g, s
 
@@ -245,6 +267,6 @@ def validate(data: dict, path: str | Path = "manifest") -> None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise UserError(f"{path}: invalid manifest at {where}: {exc.message}; rerun `rwkv2rknn split`") from None
-    ids = [s["id"] for g in data["graphs"] for s in g["segments"]]
+    ids = [s["id"] for g in data["graphs"] + (data.get("prefill") or {}).get("graphs", []) for s in g["segments"]]
     if len(ids) != len(set(ids)):
         raise UserError(f"{path}: segment ids are not unique; rerun `rwkv2rknn split`")

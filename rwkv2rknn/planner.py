@@ -73,7 +73,8 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
     segments = propose_segments(graph, placement, policy=pol.segmenter)
     cuts = extract_segments(graph, segments)
     features = [segment_features(c.model, c.backend) for c in cuts]
-    prices: list[SegmentPrice] = [price_segment(f, profile, c.backend) for f, c in zip(features, cuts)]
+    # one call of each segment, over the tokens it processes (M for a graph batched over M tokens)
+    prices: list[SegmentPrice] = [price_segment(f, profile, c.backend, f.get("rows", 1)) for f, c in zip(features, cuts)]
     return GraphPlan(policy, placement, segments, cuts, features, prices, notes)
 
 

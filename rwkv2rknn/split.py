@@ -25,6 +25,8 @@ from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tenso
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
 from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
+from rwkv2rknn.prefill import DEFAULT_CHUNK, prefill_loop, prefill_units
+from rwkv2rknn.prefill import batched as prefill_graph
 
 PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
 
@@ -43,6 +45,7 @@ class GraphReport:
     policy: str = ""
     predicted_ms: float = 0.0  # per token on the split's board profile (a prediction)
     notes: list[str] = field(default_factory=list)  # legalization: rewritten, or left alone and why
+    plan: str = "decode"  # or "prefill"
 
     @property
     def npu_share(self) -> float:
@@ -113,23 +116,49 @@ def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
             for s in unit.sources if s.name.startswith("mixing_")]
 
 
-def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
-                root: Path | None, profile, model: RwkvModel | None, state_update: str) -> tuple[dict, GraphReport]:
-    where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
-    graph = _unit_graph(unit, shapes, model)
-    auto = None
-    if policies.get(policy).groups_layers and not unit.merged:
-        policy = "fused"  # the embedding lookup (and a lone head) stay as fused plans: nothing to merge
+def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pairs, state_update: str,
+          recurrent: dict | None, where) -> tuple:
     try:
         if policy == "auto":
-            plan, auto = choose_plan(graph, target, npu_all, profile)
-        else:
-            plan = plan_graph(graph, policy, target, npu_all, profile, _state_pairs(unit, model), state_update)
+            return choose_plan(graph, target, npu_all, profile)
+        return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent), None
     except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
         raise UserError(f"{where}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
+
+
+def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
+                root: Path | None, profile, model: RwkvModel | None, state_update: str,
+                prefill: Unit | None = None, chunk: int = 0) -> list[tuple[dict, GraphReport]]:
+    """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart."""
+    where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
+    graph = _unit_graph(unit, shapes, model)
+    if policies.get(policy).groups_layers and not unit.merged:
+        policy = "fused"  # the embedding lookup (and a lone head) stay as fused plans: nothing to merge
+    pairs = _state_pairs(unit, model)
+    batched = rows = None
+    if prefill is not None:  # batch before planning: a deep plan rewrites its graph in place
+        base = graph if prefill.sources == unit.sources else _unit_graph(prefill, shapes, model)
+        try:
+            batched, rows = prefill_graph(base, chunk, _state_pairs(prefill, model))
+        except ValueError as exc:
+            raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
+                            "--prefill-chunk 0 (no prefill plan)") from None
+    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where)
+    out = [_entry(unit, graph, plan, seg_dir, root, state_update, auto)]
+    if batched is not None:
+        pplan, pauto = _plan(batched, policy, target, npu_all, profile, _state_pairs(prefill, model), state_update,
+                             rows, where)
+        out.append(_entry(prefill, batched, pplan, seg_dir, root, state_update, pauto, tokens=chunk))
+    return out
+
+
+def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path | None, state_update: str,
+           auto: dict | None, tokens: int = 1) -> tuple[dict, GraphReport]:
+    """A manifest graph entry from a plan: its segments cut, written (unless preview) and described."""
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
-    report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms, notes=[str(n) for n in plan.notes])
+    report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms / tokens,
+                         notes=[str(n) for n in plan.notes])
     seg_entries = []
     for i, (seg, cut) in enumerate(zip(segments, cuts)):
         sid = f"{unit.name}.s{i}"
@@ -161,11 +190,13 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
     entry = {"name": unit.name, "policy": policy,
              "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
              "segments": seg_entries, "placement": report.placement}
-    if unit.merged:
+    if unit.merged or tokens > 1:
         entry["covers"] = [src.name for src in unit.sources]
         entry["sources"] = sources
     else:
         entry["source"] = {k: v for k, v in sources[0].items() if k != "name"}
+    if tokens > 1:
+        entry["tokens_per_call"] = tokens
     if plan.notes:
         entry["legalized"] = report.notes
     if policy == "deep":
@@ -278,7 +309,8 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
                 force: bool = False, preview: bool = False, progress: bool = True,
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
-                state_update: str = "cpu", _record: dict | None = None) -> tuple[dict, list[GraphReport]]:
+                state_update: str = "cpu", prefill_chunk: int | None = None,
+                _record: dict | None = None) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
@@ -286,12 +318,15 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     deep: `layers_per_call` layers per merged graph (default: as many as the size budget allows);
     `state_update` "cpu" keeps the recurrent-state update fp32 on the CPU, "npu" puts it in the NPU model.
     auto on a whole model: the cheaper (predicted) of per-graph auto and deep, recorded as the manifest's `auto`.
+    prefill_chunk: M prompt tokens per call in a prefill plan beside the decode plan (whole models; default
+    16, 0 for none); its graph entries are named prefill.<graph>.
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
         return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
-                           preview=preview, progress=progress, board=board, state_update=state_update)
+                           preview=preview, progress=progress, board=board, state_update=state_update,
+                           prefill_chunk=prefill_chunk)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
@@ -309,11 +344,18 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         raise UserError(f"--policy {policy} merges the layers of a whole model: give a model directory "
                         "(embed.onnx, mixing_*.onnx, head.onnx), not single files")
     work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
+    if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1):
+        raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or at least 2 tokens per call")
+    chunk = (DEFAULT_CHUNK if prefill_chunk is None else prefill_chunk) if model is not None else 0
+    if prefill_chunk and model is None:
+        raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
+    pre_units, own_head = prefill_units(work) if chunk else ([], None)
+    pre_of = {u.name[len("prefill."):]: u for u in pre_units}
     out_dir = Path(out_dir)
     # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
     bar = tqdm(work, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
                leave=False)
-    entries, reports = [], []
+    entries, reports, pre_entries = [], [], []
     source_inputs: set[str] = set()
 
     def run(stage: Path | None):
@@ -321,25 +363,37 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         if stage is not None:
             seg_dir = stage / "segments"
             seg_dir.mkdir()
+        root = out_dir if stage is not None else None
         for unit in bar:
             bar.set_postfix_str(unit.name)
-            entry, report = _split_unit(unit, policy, target, npu_all, shapes, seg_dir,
-                                        out_dir if stage is not None else None, profile, model, state_update)
+            (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+                                                state_update, pre_of.get(unit.name), chunk)
+            if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
+                pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+                                   state_update)
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own
             entries.append(entry)
             reports.append(report)
+            for e, r in pre:
+                r.plan = "prefill"
+                pre_entries.append(e)
+                reports.append(r)
         unused = sorted(set(shapes) - source_inputs)
         if unused:  # a typo in --shape must not pass silently
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     def manifest_data() -> dict:
-        return {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
+        loop = _model_loop(model, work, entries, npu_all) if model else None
+        data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
-                "graphs": entries, "model": _model_loop(model, work, entries, npu_all) if model else None,
-                **(_record or {})}
+                "graphs": entries, "model": loop, **(_record or {})}
+        if pre_entries:
+            head = own_head or next(u for u in work if u.name == "head")
+            data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk), "graphs": pre_entries}
+        return data
 
     if preview:
         run(None)

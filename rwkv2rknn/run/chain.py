@@ -132,7 +132,8 @@ class Chain:
             # disable=None: no bar when stderr is not a terminal (pipes, logs, tests)
             bar = tqdm(total=len(pairs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False,
                        disable=None)
-        for g in self.manifest.graphs:
+        decode = {g["name"] for g in self.manifest.graphs}
+        for g in self.manifest.all_graphs():
             plan = _GraphPlan(g["name"])
             plan.outputs = [t["name"] for t in g["outputs"]]
             for seg in g["segments"]:
@@ -151,7 +152,8 @@ class Chain:
                 if trace is not None or record is not None:
                     fn = self._traced(fn, seg, runner, ins, trace, record)
                 plan.raw.append((fn, ins, outs, seg["id"]))
-            self.plans.append(plan)
+            if plan.name in decode:
+                self.plans.append(plan)
             self.by_name[plan.name] = plan
         if bar is not None:
             bar.close()
@@ -162,7 +164,7 @@ class Chain:
     def set_timing(self, on: bool) -> None:
         """Swap in a plan whose segment calls accumulate wall time in `segment_times` (or the plain one)."""
         self.timed = on
-        for plan in self.plans:
+        for plan in self.by_name.values():
             plan.steps = [(self._timed(fn, sid) if on else fn, ins, outs, sid) for fn, ins, outs, sid in plan.raw]
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -189,7 +191,30 @@ class Chain:
         self._logits_table = self.by_name[m["logits"]["graph"]].table
         self._logits_name = m["logits"]["name"]
         self.vocab_size = m["vocab_size"]
+        self.chunk = 0
+        if self.manifest.prefill:
+            self._plan_prefill(self.manifest.prefill)
         self.reset()
+
+    def _plan_prefill(self, p: dict) -> None:
+        """The prefill plan: its graphs (and decode graphs it shares, e.g. the head) with its own links."""
+        unknown = [n for n in p["order"] if n not in self.by_name]
+        if unknown or len(p["state"]) != len(self._init_state):
+            raise UserError(f"{self.manifest.path}: the prefill plan names unknown graphs or states; split again")
+        links: dict[str, list] = {n: [] for n in p["order"]}
+        for link in p["links"]:
+            src, dst = link["from"], link["to"]
+            links[dst["graph"]].append((dst["name"], self.by_name[src["graph"]].table, src["name"],
+                                        bool(link.get("last"))))
+        self._prefill_seq = [(self.by_name[n], links[n]) for n in p["order"]]
+        self._prefill_state = [(self.by_name[st["graph"]].table, st["input"], st["output"]) for st in p["state"]]
+        tok = p["token_input"]
+        g = next(x for x in self.manifest.all_graphs() if x["name"] == tok["graph"])
+        spec = next(t for t in g["inputs"] if t["name"] == tok["name"])
+        self._prefill_tokens = np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
+        self.by_name[tok["graph"]].table[tok["name"]] = self._prefill_tokens
+        self._prefill_logits = (self.by_name[p["logits"]["graph"]].table, p["logits"]["name"])
+        self.chunk = int(p["chunk"])
 
     def reset(self) -> None:
         """Back to the initial recurrent state (a fresh conversation)."""
@@ -218,10 +243,36 @@ class Chain:
                 t[i] = t[o]
         return self._logits_table[self._logits_name]
 
-    def feed(self, tokens) -> np.ndarray:
+    def prefill(self, tokens) -> np.ndarray:
+        """Feed exactly `chunk` tokens through the prefill plan (M per call); the logits after the last one."""
+        if len(tokens) != self.chunk:
+            raise ValueError(f"prefill takes {self.chunk} tokens at a time, got {len(tokens)}")
+        self._prefill_tokens.reshape(-1)[:] = np.asarray(tokens).reshape(-1)
+        for (dt, din, _), (pt, pin, _) in zip(self._init_state, self._prefill_state):
+            pt[pin] = dt[din]
+        for plan, links in self._prefill_seq:
+            t = plan.table
+            for dst, src_table, src, last in links:
+                t[dst] = src_table[src][-1] if last else src_table[src]
+            for fn, ins, outs, _ in plan.steps:
+                for n, v in zip(outs, fn([t[n] for n in ins])):
+                    t[n] = v
+        for (dt, din, _), (pt, _, pout) in zip(self._init_state, self._prefill_state):
+            dt[din] = pt[pout]
+        table, name = self._prefill_logits
+        return table[name]
+
+    def feed(self, tokens, prefill: bool = True) -> np.ndarray:
+        """Feed tokens: whole chunks through the prefill plan (when the manifest has one), the rest one by one."""
+        tokens = [int(t) for t in tokens]
         logits = None
-        for tok in tokens:
-            logits = self.step(int(tok))
+        i = 0
+        if prefill and self.chunk:
+            while len(tokens) - i >= self.chunk:
+                logits = self.prefill(tokens[i:i + self.chunk])
+                i += self.chunk
+        for tok in tokens[i:]:
+            logits = self.step(tok)
         return logits
 
     def run_graph(self, name: str, feed: dict) -> dict:

@@ -1,0 +1,68 @@
+"""The prefill plan: the decode plan's units batched to M prompt tokens per call, the head once per chunk.
+
+Each unit's normalized graph is batched by graph surgery (passes/batch.py): activations [M, C], token
+shifts along the token axis, the recurrences unrolled as M-step scans. The head is not batched: it runs on
+the last row of the last layer's output (a link marked `last`). Where the decode plan has the head as a
+graph of its own, the prefill plan links to that graph instead of a copy.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from passes.batch import batch_tokens
+from passes.state_rule import recurrent_rows
+from rwkv2rknn.deep import Unit, tensor_ref
+
+DEFAULT_CHUNK = 16
+PREFIX = "prefill."
+
+
+def prefill_units(units: list[Unit]) -> tuple[list[Unit], Unit | None]:
+    """The prefill plan's units (embed and layers, head taken out of a merged group) and the head unit it needs
+    of its own (None when the decode plan has a head graph the prefill plan can share)."""
+    out, own_head = [], None
+    for u in units:
+        layers = [s for s in u.sources if s.name != "head"]
+        if any(s.name == "head" for s in u.sources) and (u.merged or len(u.sources) > 1):
+            head = next(s for s in u.sources if s.name == "head")
+            own_head = Unit(f"{PREFIX}head", [head])
+        if layers:
+            out.append(Unit(f"{PREFIX}{u.name}", layers, merged=u.merged))
+    return out, own_head
+
+
+def batched(graph: gs.Graph, chunk: int, state_pairs: list[tuple[str, str]]) -> tuple[gs.Graph, dict]:
+    """(the graph batched to `chunk` tokens, the recurrent rows of its states found on the single-token graph)."""
+    rows = recurrent_rows(graph, state_pairs) if state_pairs else {}
+    return batch_tokens(graph, chunk, state_pairs), rows
+
+
+def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, entries: list[dict],
+                 chunk: int) -> dict:
+    """The prefill plan's part of the manifest: chunk, graph order, links, state (in the decode plan's order)."""
+    unit_of = {src.name: u for u in units for src in u.sources}
+    unit_of["head"] = head_unit
+
+    def ref(graph: str, tensor: str) -> dict:
+        return tensor_ref(unit_of[graph], graph, tensor)
+
+    names = [g.name for g in model.graphs]
+    pairs = [(a, "output", b, "input") for a, b in zip(names[:-2], names[1:-1])] + [(names[-2], "output", "head", "x")]
+    links = []
+    for a, o, b, i in pairs:
+        if unit_of[a] is unit_of[b]:
+            continue
+        link = {"from": ref(a, o), "to": ref(b, i)}
+        if b == "head":
+            link["last"] = True  # logits only for the chunk's last token
+        links.append(link)
+    dtypes = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
+    state = []
+    for i, st in enumerate(decode_loop["state"]):
+        r_in, r_out = ref(f"mixing_{i}", "state_in"), ref(f"mixing_{i}", "state_out")
+        state.append({**st, "graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                      "dtype": dtypes.get(r_in["name"], st["dtype"])})
+    return {"chunk": chunk, "order": [u.name for u in units] + [head_unit.name],
+            "token_input": ref("embed", "token"), "logits": ref("head", "output"),
+            "links": links, "state": state}
