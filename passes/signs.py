@@ -54,14 +54,42 @@ def _elementwise_same(a, b) -> bool:
     return sa is not None and sa == sb
 
 
-def upper_bound_of(m, a):
-    """Why every m[k] >= a[k] (a and m of one shape, views allowed in between), or None."""
+def _concat(t):
+    """(axis, parts) when `t` is (a view of) a Concat whose parts all have static shapes; else None."""
+    core = strip_views(t)
+    p = _producer(core)
+    if p is None or p.op != "Concat" or _numel(core) != _numel(t):
+        return None
+    shapes = [_shape(x) for x in p.inputs]
+    if any(sh is None for sh in shapes):
+        return None
+    return int(p.attrs.get("axis", 0)) % max(1, len(shapes[0])), list(p.inputs), shapes
+
+
+def upper_bound_of(m, a, _depth: int = 0):
+    """Why every m[k] >= a[k] (a and m of one shape, views allowed in between), or None.
+
+    Also through Concat: m and a stacked from parts along the same axis with equal part shapes (a scan
+    unrolled over tokens stacks per-token maxima), where each part of m bounds the same part of a.
+    """
     base_a = strip_views(a)
     n = _numel(a)
     core = strip_views(m)
     p = _producer(core)
     if p is None or n is None or _numel(m) != n or _numel(core) != n:
         return None
+    ca, cm = _concat(a), _concat(m)
+    if ca and cm and _depth < MAX_DEPTH and ca[0] == cm[0] and ca[2] == cm[2]:
+        whys = [upper_bound_of(pm, pa, _depth + 1) for pa, pm in zip(ca[1], cm[1])]
+        if all(whys):
+            return f"{p.name}: each stacked part bounds its part of {a.name} [{whys[0]}; ...]"
+    sa = _shape(base_a)
+    row = n // sa[0] if sa else None
+    if cm and not ca and cm[0] == 0 and sa and len(cm[1]) == sa[0] and all(math.prod(sh) == row for sh in cm[2]):
+        # m stacks one row per token along axis 0 (flat order: part t is row t), each part the Max of
+        # something and that token's row of a
+        if all(_max_of_row(part, base_a, i) for i, part in enumerate(cm[1])):
+            return f"{p.name}: row t is a Max with row t of {base_a.name}"
     if p.op == "Max":
         for x in p.inputs:
             if strip_views(x) is base_a and _numel(x) == n:
@@ -73,6 +101,28 @@ def upper_bound_of(m, a):
                 if why:
                     return f"{p.name} = {a.name} + r with r >= 0 ({why})"
     return None
+
+
+def _row_of(t, base, i) -> bool:
+    """t is (a view of) row i of `base`: Gather(base, i) on axis 0, or Slice(base, i, i + 1) on axis 0."""
+    p = _producer(strip_views(t))
+    if p is None or not p.inputs or strip_views(p.inputs[0]) is not base:
+        return False
+
+    def const(x):
+        return int(np.asarray(x.values).reshape(-1)[0]) if isinstance(x, gs.Constant) and x.values.size == 1 else None
+
+    if p.op == "Gather" and len(p.inputs) == 2 and int(p.attrs.get("axis", 0)) == 0:
+        return const(p.inputs[1]) == i
+    if p.op == "Slice" and len(p.inputs) >= 3:
+        axes = const(p.inputs[3]) if len(p.inputs) > 3 else 0
+        return axes == 0 and const(p.inputs[1]) == i and const(p.inputs[2]) == i + 1
+    return False
+
+
+def _max_of_row(part, base, i) -> bool:
+    p = _producer(strip_views(part))
+    return p is not None and p.op == "Max" and any(_row_of(x, base, i) for x in p.inputs)
 
 
 def _reduce_max_of(m, a):

@@ -316,7 +316,7 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
     t = totals(manifest)
     esc = html.escape
     build = manifest.data.get("build") or {}
-    names = [g["name"] for g in manifest.graphs]
+    names = [g["name"] for g in manifest.all_graphs()]
     n_npu_built = sum(1 for _, s in manifest.segments() if s.get("rknn"))
     if build:
         built = (f"built with rknn-toolkit2 {esc(str(build.get('toolkit')))}, precision "
@@ -334,7 +334,9 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
            (f"<p class='muted'>{model_txt}manifest <code>{esc(str(manifest.path))}</code>, target "
            f"<b>{esc(manifest.target)}</b>, policy <b>{esc(str(manifest.data.get('policy')))}</b>"
            f"{', --npu-all' if manifest.data.get('npu_all') else ''}, {len(names)} graphs, "
-           f"{sum(len(g['segments']) for g in manifest.graphs)} segments; {built}. "
+           f"{sum(len(g['segments']) for g in manifest.all_graphs())} segments"
+           + (f" (with a prefill plan of {manifest.prefill['chunk']} tokens per call)" if manifest.prefill else "")
+           + f"; {built}. "
            f"Written by rwkv2rknn {esc(__version__)}.</p>"),
            ("<table class='totals'><tr><th>NPU calls per token</th><th>MatMul FLOPs on the NPU</th>"
            "<th>bytes crossing NPU&harr;CPU per token</th><th>MatMul FLOP per token</th></tr>"),
@@ -355,7 +357,7 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
                "<button onclick='setAll(false)'>collapse all</button></p>")
     out.append("<table><tr><th>graph</th><th>NPU segs</th><th>CPU segs</th><th>MatMul MFLOP</th>"
                "<th>on NPU</th><th>NPU&harr;CPU bytes</th><th>verify (worst segment)</th><th>fallbacks</th></tr>")
-    for g in manifest.graphs:
+    for g in manifest.all_graphs():
         r = _graph_row(g)
         share = f"{100 * r['share']:.1f}%" if r["share"] is not None else "-"
         cos = verify_text(r["worst"]) if r["worst"] is not None else "-"
@@ -366,7 +368,7 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
                    f"<td class='num'>{r['crossing']:,}</td><td class='num'>{cos}</td><td class='num'>{fb}</td></tr>")
     out.append("</table>")
 
-    for gi, graph in enumerate(manifest.graphs):
+    for gi, graph in enumerate(manifest.all_graphs()):
         segs = graph["segments"]
         r = _graph_row(graph)
         open_attr = " open" if _open_by_default(names, gi) else ""

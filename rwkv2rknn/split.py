@@ -289,7 +289,7 @@ def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict,
     plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
     for name in grouped:
         plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)
-    ms = {name: sum(r.predicted_ms for r in reports) for name, (_, reports) in plans.items()}
+    ms = {name: sum(r.predicted_ms for r in reports if r.plan == "decode") for name, (_, reports) in plans.items()}
     ranked = sorted(ms, key=lambda n: (ms[n], n))
     best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
     label = {"auto": "per-graph choice among cpu, matmul, fused, layer"}

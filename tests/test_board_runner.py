@@ -138,7 +138,8 @@ def test_default_core_mask_is_each_segments_predicted_one(built, tmp_path):
 
     manifest, fake = built
     data = json.loads(manifest.read_text())
-    want = {str(manifest.parent / s["rknn"]): s["core_mask"] for g in data["graphs"] for s in g["segments"]
+    graphs = data["graphs"] + data.get("prefill", {}).get("graphs", [])
+    want = {str(manifest.parent / s["rknn"]): s["core_mask"] for g in graphs for s in g["segments"]
             if s["backend"] == "npu"}
     assert want and set(want.values()) <= {1, 7}
     r, events = _run(manifest, fake, tmp_path, "--backend", "rknn-lite")
@@ -163,7 +164,7 @@ def test_calibrate_on_the_stand_in_writes_a_profile_estimate_uses(built, tmp_pat
     assert {"probe.add16.rknn", "probe.add262144.rknn", "probe.matmul1024.rknn"} <= timed
     profile = load_profile(prof)
     data = json.loads(manifest.read_text())
-    ids = {s["id"] for g in data["graphs"] for s in g["segments"]}
+    ids = {s["id"] for g in data["graphs"] + data.get("prefill", {}).get("graphs", []) for s in g["segments"]}
     assert set(profile.measured_segments) == ids
     assert "measured on this board" in prof.read_text()
     est = subprocess.run([sys.executable, "-m", "rwkv2rknn", "estimate", str(manifest), "--board", str(prof),

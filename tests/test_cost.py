@@ -521,7 +521,7 @@ def test_calibrate_recovers_the_constants_of_a_stand_in_board(tmp_path, model_fa
     assert prof.cpu_stream_gbps == base.cpu_stream_gbps and prof.files[0].name == "rk3588.toml"
     assert all(r.calls == 7 and not r.active for r in made)  # warmup + repeats, deactivated
     data = json.loads((out / "manifest.json").read_text())
-    ids = [s["id"] for g in data["graphs"] for s in g["segments"]]
+    ids = [s["id"] for g in data["graphs"] + data.get("prefill", {}).get("graphs", []) for s in g["segments"]]
     assert set(prof.measured_segments) == set(ids)
     npu_id = next(s["id"] for g in data["graphs"] for s in g["segments"] if s["backend"] == "npu")
     assert prof.measured_segments[npu_id]["ms"] == pytest.approx(1.0)
@@ -529,7 +529,9 @@ def test_calibrate_recovers_the_constants_of_a_stand_in_board(tmp_path, model_fa
     # the file is TOML a person can read, and the estimator reports the timings beside the prediction
     assert 'base = "rk3588"' in target.read_text()
     e = estimate(data, prof, loader=lambda g, s: onnx.load(str(out / s["onnx"])))
-    assert e.decode.measured_ms_per_token == pytest.approx(sum(v["ms"] for v in prof.measured_segments.values()))
+    decode_ids = {s["id"] for g in data["graphs"] for s in g["segments"]}
+    assert e.decode.measured_ms_per_token == pytest.approx(
+        sum(v["ms"] for k, v in prof.measured_segments.items() if k in decode_ids))
 
 
 def test_calibrate_refuses_missing_probes_and_keeps_underivable_constants(tmp_path):

@@ -56,16 +56,18 @@ def test_report_names_every_segment_with_its_metrics(built_out, tmp_path):
         assert seg["id"] in text
     for seg in npu:
         assert f"rel_l2 {seg['verify']['rel_l2']:.2e}" in text
-    for g in m.graphs:  # one section and one drawing per graph
-        assert f"id='g-{g['name']}'" in text
+    graphs = m.all_graphs()  # the decode plan's and the prefill plan's
+    from rwkv2rknn.report import _anchor
+    for g in graphs:  # one section and one drawing per graph
+        assert f"id='{_anchor(g['name'])}'" in text
     # plus the predicted-time pictures: the plan against the CPU-only plan, and one bar per graph
-    assert text.count("<svg") == len(m.graphs) + 2
+    assert text.count("<svg") == len(graphs) + 2
     assert "predicted time per token on board profile rk3588" in text and "not a board measurement" in text
     from rwkv2rknn.cost import estimate, load_profile
     est = estimate(m.data, load_profile("rk3588"))
     assert f"{est.decode_ms_per_token:.2f} ms, {est.npu_calls_per_token:g} NPU calls" in text
     # Every CPU placement with its reason.
-    for g in m.graphs:
+    for g in graphs:
         for p in g["placement"]:
             if p["backend"] == "cpu":
                 assert p["reason"].replace("'", "&#x27;") in text, p

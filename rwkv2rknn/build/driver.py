@@ -315,11 +315,16 @@ def _model_warnings(check: dict | None, precision: str) -> list[str]:
     if "error" in check:
         return [f"whole-model check did not run: {check['error']}"]
     limit = WARN_LOGITS_COSINE[precision]
+    out = []
     if not check["logits_cosine_min"] >= limit:
-        return [f"whole model: logits cosine {check['logits_cosine_min']:.6f} < {limit} against onnxruntime fp32 "
-                f"at token {check.get('worst_step')} of {check['tokens']} (argmax agrees on "
-                f"{100 * check['argmax_agree']:.1f}%)"]
-    return []
+        out.append(f"whole model: logits cosine {check['logits_cosine_min']:.6f} < {limit} against onnxruntime fp32 "
+                   f"at token {check.get('worst_step')} of {check['tokens']} (argmax agrees on "
+                   f"{100 * check['argmax_agree']:.1f}%)")
+    pre = check.get("prefill")
+    if pre and not pre["logits_cosine_min"] >= limit:
+        out.append(f"prefill plan: logits cosine {pre['logits_cosine_min']:.6f} < {limit} against onnxruntime fp32 "
+                   f"over {pre['chunks']} chunk(s) of {pre['chunk']} tokens")
+    return out
 
 
 def _check_key(m: Manifest, tokens: list[int]) -> str:

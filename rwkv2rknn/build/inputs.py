@@ -43,16 +43,12 @@ def trace(manifest: Manifest, ids: list[int] | None, n_tokens: int, seed: int) -
     With `ids`, whole models are fed those tokens; otherwise `n_tokens` random ones.
     """
     try:
-        from rwkv2rknn.run.chain import Chain, runner_factory, trace_segment_inputs
+        from rwkv2rknn.run.chain import record_inputs, trace_segment_inputs
     except ImportError:
         return None
     try:
         if ids is not None and manifest.model is not None:
-            seen = {s["id"]: [] for _, s in manifest.segments()}
-            with Chain(manifest, runner_factory(manifest, "ort"),
-                       record=lambda sid, feed: seen[sid].append(feed)) as chain:
-                chain.feed(ids)
-            return seen
+            return record_inputs(manifest, ids)
         return trace_segment_inputs(manifest, n_tokens=n_tokens, seed=seed)
     except Exception as exc:  # noqa: BLE001 (verification still runs, on random inputs; say so)
         say(f"warning: tracing the chain on onnxruntime failed ({type(exc).__name__}: {exc}); using random inputs")

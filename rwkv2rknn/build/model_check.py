@@ -13,12 +13,20 @@ import sys
 import numpy as np
 
 
-def run_logits(manifest, backend: str, tokens: list[int]) -> np.ndarray:
-    """Logits [T, V] of the chain on one backend, from the initial state."""
+def run_logits(manifest, backend: str, tokens: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of the chain on one backend from the initial state: [T, V] token by token through the decode
+    plan, and (with a prefill plan) [T // chunk, V] after each whole chunk through the prefill plan."""
     from rwkv2rknn.run.chain import Chain, runner_factory
 
     with Chain(manifest, runner_factory(manifest, backend)) as chain:
-        return np.stack([np.array(chain.step(int(t)), dtype=np.float32, copy=True) for t in tokens])
+        steps = np.stack([np.array(chain.step(int(t)), dtype=np.float32, copy=True) for t in tokens])
+        chunks = None
+        if chain.chunk and len(tokens) >= chain.chunk:
+            chain.reset()
+            m = chain.chunk
+            chunks = np.stack([np.array(chain.prefill(tokens[i:i + m]), dtype=np.float32, copy=True)
+                               for i in range(0, len(tokens) - m + 1, m)])
+        return steps, chunks
 
 
 def compare_logits(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -38,9 +46,14 @@ def check_model(manifest_path, tokens: list[int], backend: str = "rknn-sim") -> 
     from rwkv2rknn.manifest import Manifest
 
     m = Manifest.load(manifest_path)
-    ref = run_logits(m, "ort", tokens)
-    got = run_logits(m, backend, tokens)
-    return {**compare_logits(got, ref), "backend": backend, "reference": "onnxruntime fp32"}
+    ref, ref_chunks = run_logits(m, "ort", tokens)
+    got, got_chunks = run_logits(m, backend, tokens)
+    out = {**compare_logits(got, ref), "backend": backend, "reference": "onnxruntime fp32"}
+    if ref_chunks is not None:
+        pre = compare_logits(got_chunks, ref_chunks)
+        out["prefill"] = {"chunks": pre["tokens"], "chunk": m.prefill["chunk"],
+                          "logits_cosine_min": pre["logits_cosine_min"], "argmax_agree": pre["argmax_agree"]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,7 +234,9 @@ def _merge(features: list[dict]) -> dict:
 
 
 def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loader | None, all_cpu: bool,
-                precision: str) -> PlanEstimate:
+                precision: str, own_rows: bool = False) -> PlanEstimate:
+    """t tokens per run of the plan. own_rows (a prefill plan): every segment is called once per run over the
+    rows it was built for (M for a batched graph, 1 for the head that runs on the last row only)."""
     measured = profile.measured_segments or {}
     out, total = [], _zero()
     npu_calls = cpu_calls = 0
@@ -245,7 +247,8 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
         gb = _zero()
         segs = []
         if all_cpu:  # one onnxruntime session per graph, as a CPU-only split would give
-            sec, b = price_segment(_merge([f for f, _ in feats]), profile, "cpu", t)[:2]
+            merged = _merge([f for f, _ in feats])
+            sec, b = price_segment(merged, profile, "cpu", merged["rows"] if own_rows else t)[:2]
             _add(gb, b)
             segs.append(SegmentEstimate(id=f"{g['name']}.cpu", backend="cpu", runs_on="cpu", ms=sec * 1e3,
                                         breakdown={k: v * 1e3 for k, v in b.items()},
@@ -258,7 +261,8 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
                 runs_on = "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu"
                 compiler = seg.get("compiler") if runs_on == "npu" else None
                 prec = seg.get("precision", precision)
-                sec, b, mask, variants, hops = price_segment(f, profile, runs_on, t, compiler, prec)
+                rows = f.get("rows", 1) if own_rows else t
+                sec, b, mask, variants, hops = price_segment(f, profile, runs_on, rows, compiler, prec)
                 _add(gb, b)
                 m = measured.get(seg["id"])
                 if m is None:
@@ -305,7 +309,10 @@ def estimate(manifest_data: dict, profile: BoardProfile, tokens_per_call: int = 
     pre = manifest_data.get("prefill")
     if isinstance(pre, dict) and pre.get("graphs"):
         chunk = int(pre.get("chunk", 1))
-        prefill = _price_plan(pre["graphs"], profile, chunk, loader, all_cpu, precision)
+        own = {g["name"] for g in pre["graphs"]}
+        # graphs the prefill plan shares with the decode plan (the head, once per chunk on the last row)
+        shared = [g for g in manifest_data["graphs"] if g["name"] in pre.get("order", []) and g["name"] not in own]
+        prefill = _price_plan(pre["graphs"] + shared, profile, chunk, loader, all_cpu, precision, own_rows=True)
         prefill_plan, prefill_ms = f"manifest prefill plan, {chunk} tokens per call", prefill.ms_per_token
     else:
         prefill = None

@@ -157,6 +157,8 @@ def _peak_rss_mb() -> float:
 
 def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
     chain.step(prompt_ids[0])  # warm-up: first calls allocate and optimize
+    if chain.chunk:
+        chain.feed([prompt_ids[0]] * chain.chunk)  # and the prefill plan's
     chain.reset()
     t0 = time.perf_counter()
     logits = chain.feed(prompt_ids)
@@ -173,6 +175,7 @@ def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
     decode = 1e3 * (t2 - t1) / n_decode if n_decode else float("nan")
     segs = {sid: {"ms": 1e3 * s / c, "calls": c} for sid, (s, c) in chain.segment_times.items() if c}
     result = {"backend": chain.backend, "prompt_tokens": len(prompt_ids), "decode_tokens": n_decode,
+              "prefill_chunk": chain.chunk or None,
               "prefill_ms_per_token": prefill, "decode_ms_per_token": decode,
               "tokens_per_s": 1e3 / decode if n_decode and decode > 0 else None,
               "peak_rss_mb": _peak_rss_mb(),
@@ -185,8 +188,9 @@ def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
 
 def _print_bench(result: dict, segs: dict) -> None:
     total = sum(v["ms"] for v in segs.values()) or 1.0
+    how = (f"prefill plan, {result['prefill_chunk']} per call" if result.get("prefill_chunk") else "token by token")
     print(f"backend {result['backend']}: prefill {result['prefill_ms_per_token']:.2f} ms/token "
-          f"({result['prompt_tokens']} tokens), decode {result['decode_ms_per_token']:.2f} ms/token "
+          f"({result['prompt_tokens']} tokens, {how}), decode {result['decode_ms_per_token']:.2f} ms/token "
           f"({result['decode_tokens']} tokens, {result['tokens_per_s'] or 0:.1f} tokens/s), "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")
     print(f"{'segment':<24} {'ms/call':>9} {'share':>7}")

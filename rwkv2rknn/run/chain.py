@@ -296,12 +296,13 @@ class Chain:
 
     # -- instrumentation (only in the plan when asked for) ---------------------------------------------
     def _timed(self, fn, sid):
-        acc = self.segment_times.setdefault(sid, [0.0, 0])
+        times = self.segment_times  # an entry appears with a segment's first call (a plan not run stays out)
         clock = time.perf_counter
 
         def call(arrays):
             t0 = clock()
             out = fn(arrays)
+            acc = times.setdefault(sid, [0.0, 0])
             acc[0] += clock() - t0
             acc[1] += 1
             return out
@@ -361,24 +362,40 @@ def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> d
     return feed
 
 
+def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every segment's real inputs (onnxruntime fp32) while `tokens` go through the decode plan one by one and,
+    from the state they leave, through the prefill plan in whole chunks (at least one: the text is repeated)."""
+    manifest = as_manifest(manifest)
+    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
+    with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
+        chain.feed(tokens, prefill=False)
+        if chain.chunk:
+            text = list(tokens)
+            while len(text) < chain.chunk:
+                text += tokens
+            chain.feed(text[:max(1, len(text) // chain.chunk) * chain.chunk])
+    return seen
+
+
 def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
     """Run the whole chain on onnxruntime fp32 and record every segment's real input feed.
 
-    Whole-model manifests: `n_tokens` random token ids are fed from the initial state.
+    Whole-model manifests: `n_tokens` random token ids are fed from the initial state token by token, and
+    (with a prefill plan) from the state they leave, `n_tokens // chunk` (at least one) chunks of random ids.
     Single-graph manifests ("model": null): each graph gets `n_tokens` random realistic input sets.
     Returns {segment id: [feed per call, in call order]} (arrays are copies).
     """
     manifest = as_manifest(manifest)
-    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
     rng = np.random.default_rng(seed)
+    if manifest.model is not None:
+        vocab = manifest.model["vocab_size"]
+        return record_inputs(manifest, [int(t) for t in rng.integers(0, vocab, size=n_tokens)])
+    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
     with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
-        if manifest.model is not None:
-            chain.feed(rng.integers(0, manifest.model["vocab_size"], size=n_tokens))
-        else:
-            for g in manifest.graphs:
-                paths = [manifest.resolve(s["onnx"]) for s in g["segments"]]
-                for _ in range(n_tokens):
-                    chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
+        for g in manifest.graphs:
+            paths = [manifest.resolve(s["onnx"]) for s in g["segments"]]
+            for _ in range(n_tokens):
+                chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
     return seen
 
 
