@@ -186,14 +186,14 @@ def test_w8a8_build_runs_in_simulator_within_cosine_099(w8a8_default, heldout):
 
 @pytest.mark.slow
 @pytest.mark.rknn
-@pytest.mark.xfail(strict=True, reason="the per-segment w8a8 bound (rel_l2 <= 0.05 on the worst output, measured on 4 "
-                   "random token ids) rejects all 9 segments of the trained model (rel_l2 0.07-0.33; 0.02-0.32 on "
-                   "held-out text), so `build --precision w8a8` is an fp16 build; with every segment w8a8 the chain "
-                   "stays within cosine 0.999 of fp32 (test_all_w8a8_build_runs_in_simulator_within_cosine_099)")
-def test_w8a8_build_keeps_some_segments_int8(w8a8_default):
+def test_w8a8_build_keeps_most_segments_int8(w8a8_default):
+    """Segments are verified on real text (the calibration text), not random ids: on the trained model the
+    default bound keeps most segments w8a8 (measured: 8 of 9; mixing_3.s3 at rel_l2 0.058 goes fp16)."""
     manifest, proc = w8a8_default
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert any(s.get("precision") == "w8a8" for s in _npu_segments(manifest))
+    npu = _npu_segments(manifest)
+    assert sum(s.get("precision") == "w8a8" for s in npu) >= len(npu) / 2, [(s["id"], s["precision"]) for s in npu]
+    assert "precision per segment:" in proc.stdout
 
 
 @pytest.mark.slow

@@ -32,7 +32,9 @@ from rwkv2rknn.numerics import WARN_LOGITS_COSINE, WARN_REL_L2
 
 RKNN_TARGETS = TARGETS  # rknn-toolkit2 2.5.0's target_platform values: one list for split and build
 DEFAULT_TIMEOUT = 600.0
-VERIFY_TOKENS = 4
+# Segments are verified on the activations of this many tokens of real text (whole models; the
+# calibration text) or on this many random input sets (single graphs).
+VERIFY_TOKENS = 8
 INSTALL_HINT = ("rknn-toolkit2 is not installed (it compiles the NPU segments); run `make setup`, or "
                 "`pip install rknn-toolkit2` on x86_64/aarch64 Linux (see README)")
 
@@ -254,7 +256,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         saved()  # from here no entry names an .rknn this build will replace
 
         if todo:
-            tasks = _tasks(m, todo, verify, calib_ids)
+            tasks = _tasks(m, todo, verify, calib_ids, text_ids)
             builder = Builder(saved, m, target, precision, toolkit, calib_sha, verify, timeout,
                               jobs or os.cpu_count() or 1, progress, report.results, max_rel_l2)
             try:
@@ -279,8 +281,10 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
     return report
 
 
-def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None) -> list[Task]:
-    samples_by_id = trace(m, None, VERIFY_TOKENS, 0) if verify else None
+def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None, text_ids: list[int] | None) -> list[Task]:
+    # real text, not random ids: a trained model's activations on tokens it never saw are not what it runs on
+    ids = text_ids[:VERIFY_TOKENS] if text_ids and m.model is not None else None
+    samples_by_id = trace(m, ids, VERIFY_TOKENS, 0) if verify else None
     calib_by_id = trace(m, calib_ids, len(calib_ids), 1) if calib_ids is not None else None
     if verify and samples_by_id is None:
         say("note: no onnxruntime trace of the chain (rwkv2rknn.run.chain); verifying on random inputs")

@@ -71,9 +71,11 @@ def print_summary(console, report, args) -> None:
                   "-" if worst is None else f"{worst[1]['rel_l2']:.2e} ({worst[0]}: {worst[1].get('worst_output')})")
     console.print(table)
     mixed = report.precisions
-    if len(mixed) > 1:
+    if report.precision != "fp16" and mixed:
+        fell = mixed.get("fp16", 0)
         console.print("precision per segment: " + ", ".join(f"{n} {p}" for p, n in sorted(mixed.items()))
-                      + " (segments that lost too much as w8a8 were built fp16; see precision_reason in the manifest)")
+                      + (f" ({fell} lost too much as {report.precision} in the simulator and were built fp16; see "
+                         "precision_reason in the manifest, or --w8a8-max-rel-l2)" if fell else ""), soft_wrap=True)
     for r in report.results:
         if r.status == "fallback":
             console.print(f"[yellow]fallback[/yellow] {r.id}: {r.reason}")
