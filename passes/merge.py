@@ -7,7 +7,7 @@ from passes.graphutil import toposort
 
 
 def merge_graphs(parts: list[tuple[str, gs.Graph]], links: list[tuple[str, str, str, str]],
-                 name: str = "merged") -> gs.Graph:
+                 name: str = "merged", keep_outputs=()) -> gs.Graph:
     """One graph computing `parts` in order; every tensor and node is renamed `<part>.<name>`.
 
     parts: (prefix, graph) in execution order; the graphs are consumed (their tensors are renamed and
@@ -15,7 +15,8 @@ def merge_graphs(parts: list[tuple[str, gs.Graph]], links: list[tuple[str, str, 
     part reads that output of the earlier part and stops being a graph input. The merged graph's inputs
     are every unlinked input, its outputs every output of every part that is not only a link source
     (a linked output that is also needed outside, e.g. a final layer's output, stays an output when
-    listed in no link). Constants shared by name across parts are kept apart by the prefix.
+    listed in no link, or in `keep_outputs` as (part, output name)). Constants shared by name across parts
+    are kept apart by the prefix.
     """
     prefixes = [p for p, _ in parts]
     if len(set(prefixes)) != len(prefixes):
@@ -54,7 +55,7 @@ def merge_graphs(parts: list[tuple[str, gs.Graph]], links: list[tuple[str, str, 
             replaced.add(id(t))
         for name, t in outs_by_name.items():
             part_outputs[(prefix, name)] = t
-            if (prefix, name) not in linked_out:
+            if (prefix, name) not in linked_out or (prefix, name) in set(keep_outputs):
                 outputs.append(t)
         for t in own:
             if id(t) not in replaced:

@@ -200,6 +200,18 @@ def _import_torch():
     return torch
 
 
+def pth_keys(path: str | os.PathLike) -> set[str]:
+    """The tensor names of a torch state dict (memory-mapped: nothing is read but the index)."""
+    path = Path(path)
+    _check_file(path)
+    torch = _import_torch()
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - old or damaged files: the reader gives the one-line error
+        return set()
+    return set(sd) if isinstance(sd, dict) else set()
+
+
 def load_pth(path: str | os.PathLike) -> Weights:
     """Read a ChatRWKV / BlinkDL torch state dict (memory-mapped when the format allows)."""
     path = Path(path)

@@ -77,11 +77,14 @@ def units(model, grouped: bool, layers_per_call: int | None = None, budget: int 
     return out
 
 
-def merge_unit(unit: Unit, graphs: list[gs.Graph], chain: list[tuple[str, str]]) -> gs.Graph:
-    """The unit's normalized source graphs as one graph; chain: (output name, input name) joining graph i to i+1."""
+def merge_unit(unit: Unit, graphs: list[gs.Graph], model_links: list[tuple[str, str, str, str]]) -> gs.Graph:
+    """The unit's normalized source graphs as one graph, joined by the model's links between them; a linked
+    output that a graph outside the unit also reads (RWKV-7's v_first) stays an output of the unit."""
     names = [s.name for s in unit.sources]
-    links = [(a, out, b, inp) for (a, b), (out, inp) in zip(zip(names, names[1:]), chain)]
-    return merge_graphs(list(zip(names, graphs)), links, name=unit.name)
+    inside = set(names)
+    links = [(a, o, b, i) for a, o, b, i in model_links if a in inside and b in inside]
+    keep = {(a, o) for a, o, b, _ in model_links if a in inside and b not in inside}
+    return merge_graphs(list(zip(names, graphs)), links, name=unit.name, keep_outputs=keep)
 
 
 def tensor_ref(unit: Unit, graph: str, tensor: str) -> dict:

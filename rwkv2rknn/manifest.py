@@ -120,6 +120,7 @@ SCHEMA = {
             "required": ["vocab_size", "token_input", "logits", "links", "state"],
             "properties": {
                 "vocab_size": {"type": "integer", "minimum": 1},
+                "family": {"type": "string"},
                 "n_layer": {"type": "integer"},
                 "n_embd": {"type": "integer"},
                 "tokenizer": {"type": ["string", "null"]},

@@ -1,4 +1,4 @@
-"""Loading source graphs: single ONNX files, or a model directory in the llama.onnx RWKV-4 layout."""
+"""Loading source graphs: single ONNX files, or a model directory in the llama.onnx layout (any RWKV family)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from rwkv2rknn.errors import UserError
 
 MIXING_RE = re.compile(r"^mixing_(\d+)\.onnx$")
 
-# The llama.onnx interfaces (shared/docs/llama-onnx-rwkv4.md): name -> rank, per file kind.
+# The llama.onnx interfaces of embed and head (shared/docs/llama-onnx-rwkv4.md): name -> rank. The layer
+# graphs' interface is the family's (rwkv2rknn/families).
 LAYOUT = {
     "embed": {"inputs": {"token": 1}, "outputs": {"output": 1}},
-    "mixing": {"inputs": {"input": 1, "state_in": 2}, "outputs": {"output": 1, "state_out": 2}},
     "head": {"inputs": {"x": 1}, "outputs": {"output": 1}},
 }
 
@@ -48,7 +48,8 @@ class RwkvModel:
     n_layer: int
     n_embd: int
     vocab_size: int
-    state_rows: int
+    family: object       # rwkv2rknn.families.Family
+    state_shapes: dict   # state input name -> shape (the same in every layer)
     float_dtype: str     # "float16" or "float32": what the source files use
     tokenizer_file: Path | None
 
@@ -94,10 +95,10 @@ def io_signature(model: onnx.ModelProto) -> tuple[dict, dict]:
     return ins, outs
 
 
-def _check_layout(graph: SourceGraph, kind: str) -> tuple[dict, dict]:
+def _check_layout(graph: SourceGraph, kind: str, want: dict | None = None) -> tuple[dict, dict]:
     ins, outs = io_signature(graph.model)
     graph.release()
-    want = LAYOUT[kind]
+    want = want or LAYOUT[kind]
     for side, have, expect in (("inputs", ins, want["inputs"]), ("outputs", outs, want["outputs"])):
         if set(have) != set(expect) or any(len(have[n][1]) != r for n, r in expect.items()):
             got = ", ".join(f"{n}{have[n][1]}" for n in have) or "none"
@@ -140,27 +141,34 @@ def load_model_dir(directory: str | Path) -> RwkvModel:
     _, e_out = _check_layout(graphs[0], "embed")
     n_embd = e_out["output"][1][0]
     float_dtype = e_out["output"][0]
-    state_rows = None
-    for g in graphs[1:-1]:
-        ins, _ = _check_layout(g, "mixing")
+    from rwkv2rknn import families
+
+    ins0, outs0 = io_signature(graphs[1].model)
+    family = families.from_layout(graphs[1].path, ins0, outs0)
+    state_shapes = None
+    for i, g in enumerate(graphs[1:-1]):
+        l_in, l_out = family.layout(i)
+        ins, _ = _check_layout(g, f"{family.label} layer", {"inputs": l_in, "outputs": l_out})
         width = ins["input"][1][0]
-        rows, state_width = ins["state_in"][1]
-        if width != n_embd or state_width != n_embd:
+        if width != n_embd:
             raise UserError(
-                f"{g.path}: layer width {width} (state {rows}x{state_width}) differs from embed.onnx width "
-                f"{n_embd}; all files must come from one model export"
+                f"{g.path}: layer width {width} differs from embed.onnx width {n_embd}; "
+                "all files must come from one model export"
             )
-        if state_rows is not None and rows != state_rows:
-            raise UserError(f"{g.path}: state has {rows} rows, other layers {state_rows}; files of two models?")
-        state_rows = rows
+        shapes = {st.input: ins[st.input][1] for st in family.states}
+        if state_shapes is not None and shapes != state_shapes:
+            raise UserError(f"{g.path}: state shapes {shapes} differ from the other layers' {state_shapes}; "
+                            "files of two models?")
+        state_shapes = shapes
     h_in, h_out = _check_layout(graphs[-1], "head")
     if h_in["x"][1][0] != n_embd:
         raise UserError(f"{graphs[-1].path}: head width {h_in['x'][1][0]} differs from embed width {n_embd}")
     vocab = h_out["output"][1][0]
-    if not isinstance(vocab, int) or not isinstance(n_embd, int) or not isinstance(state_rows, int):
+    dims = [vocab, n_embd] + [d for shape in state_shapes.values() for d in shape]
+    if not all(isinstance(d, int) for d in dims):
         raise UserError(f"{directory}: model graphs have symbolic dimensions; export them with fixed shapes")
     tok = directory / "tokenizer.json"
-    return RwkvModel(directory, graphs, n_layer, n_embd, vocab, state_rows, float_dtype,
+    return RwkvModel(directory, graphs, n_layer, n_embd, vocab, family, state_shapes, float_dtype,
                      tok if tok.exists() else None)
 
 

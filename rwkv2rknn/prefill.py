@@ -47,10 +47,8 @@ def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, e
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    names = [g.name for g in model.graphs]
-    pairs = [(a, "output", b, "input") for a, b in zip(names[:-2], names[1:-1])] + [(names[-2], "output", "head", "x")]
     links = []
-    for a, o, b, i in pairs:
+    for a, o, b, i in model.family.links(model.n_layer):
         if unit_of[a] is unit_of[b]:
             continue
         link = {"from": ref(a, o), "to": ref(b, i)}
@@ -59,8 +57,9 @@ def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, e
         links.append(link)
     dtypes = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
     state = []
-    for i, st in enumerate(decode_loop["state"]):
-        r_in, r_out = ref(f"mixing_{i}", "state_in"), ref(f"mixing_{i}", "state_out")
+    specs = [(f"mixing_{i}", spec) for i in range(model.n_layer) for spec in model.family.states]
+    for (g, spec), st in zip(specs, decode_loop["state"]):  # the decode plan's order
+        r_in, r_out = ref(g, spec.input), ref(g, spec.output)
         state.append({**st, "graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
                       "dtype": dtypes.get(r_in["name"], st["dtype"])})
     return {"chunk": chunk, "order": [u.name for u in units] + [head_unit.name],

@@ -324,7 +324,10 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
     else:
         built = "<span class='warn'>not built yet</span> (run <code>rwkv2rknn build</code> for verify metrics)"
     model = manifest.model or {}
-    model_txt = (f"RWKV-4, {model['n_layer']} layers, n_embd {model['n_embd']}, vocab {model['vocab_size']}; "
+    from rwkv2rknn import families
+
+    label = families.get(model.get("family", "rwkv4")).label if model else ""
+    model_txt = (f"{label}, {model['n_layer']} layers, n_embd {model['n_embd']}, vocab {model['vocab_size']}; "
                  if model else "")
     out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
            "<meta name='viewport' content='width=device-width,initial-scale=1'>",

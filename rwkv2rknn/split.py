@@ -28,7 +28,6 @@ from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
 from rwkv2rknn.prefill import DEFAULT_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
 
-PP_ROW = 4  # the running-max exponent row of an RWKV-4 layer state
 
 
 @dataclass
@@ -101,19 +100,18 @@ def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
 
 
 def _unit_graph(unit: Unit, shapes: dict, model: RwkvModel | None) -> gs.Graph:
-    """The normalized graph of a unit: one source graph, or a group merged (layer i's output feeds layer i+1)."""
+    """The normalized graph of a unit: one source graph, or a group merged along the family's links."""
     graphs = [_normalized(src, shapes) for src in unit.sources]
     if not unit.merged:
         return graphs[0]
-    chain = [("output", "x" if b.name == "head" else "input") for b in unit.sources[1:]]
-    return merge_unit(unit, graphs, chain)
+    return merge_unit(unit, graphs, model.family.links(model.n_layer))
 
 
 def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
     if model is None:
         return []
-    return [(tensor_ref(unit, s.name, "state_in")["name"], tensor_ref(unit, s.name, "state_out")["name"])
-            for s in unit.sources if s.name.startswith("mixing_")]
+    return [(tensor_ref(unit, s.name, st.input)["name"], tensor_ref(unit, s.name, st.output)["name"])
+            for s in unit.sources if s.name.startswith("mixing_") for st in model.family.states]
 
 
 def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pairs, state_update: str,
@@ -257,26 +255,28 @@ def _model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_al
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    names = [g.name for g in model.graphs]
-    pairs = [(a, "output", b, "input") for a, b in zip(names[:-2], names[1:-1])] + [(names[-2], "output", "head", "x")]
     # a link inside a merged unit is a tensor of that unit's graph, not a hand-off between graphs
-    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in pairs if unit_of[a] is not unit_of[b]]
+    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in model.family.links(model.n_layer)
+             if unit_of[a] is not unit_of[b]]
 
-    # -1e30 overflows float16: it is only safe while the recurrence stays fp32 on the CPU. Starting
-    # pp at 0 gives the same outputs because aa = bb = 0 (shared/docs/llama-onnx-rwkv4.md).
-    def init_rows(graph: str) -> dict:
+    # A family's fp32-only initial rows (RWKV-4's pp = -1e30 overflows float16) apply only while the state
+    # stays fp32 on the CPU; at 0 instead the outputs are the same because aa = bb = 0 at the start.
+    def init_rows(graph: str, spec) -> dict:
         unit = unit_of[graph].name
         fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[unit]).npu_all or npu_all)
-        return {str(PP_ROW): -1e30} if fp32_recurrence and model.state_rows > PP_ROW else {}
+        return {str(r): v for r, v in spec.rows_fp32.items()} if fp32_recurrence else {}
 
     state = []
     for i in range(model.n_layer):
         g = f"mixing_{i}"
-        r_in, r_out = ref(g, "state_in"), ref(g, "state_out")
-        state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
-                      "shape": [model.state_rows, model.n_embd], "dtype": state_dtype.get(r_in["name"], "float32"),
-                      "init": {"fill": 0.0, "rows": init_rows(g)}})
-    return {"n_layer": model.n_layer, "n_embd": model.n_embd, "vocab_size": model.vocab_size,
+        for spec in model.family.states:
+            r_in, r_out = ref(g, spec.input), ref(g, spec.output)
+            state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                          "shape": list(model.state_shapes[spec.input]),
+                          "dtype": state_dtype.get(r_in["name"], "float32"),
+                          "init": {"fill": 0.0, "rows": init_rows(g, spec)}})
+    return {"family": model.family.name, "n_layer": model.n_layer, "n_embd": model.n_embd,
+            "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),
             "token_input": ref("embed", "token"),
             "logits": ref("head", "output"),

@@ -8,13 +8,16 @@ import time
 
 from rwkv2rknn.errors import UserError
 
-HELP = "export an RWKV-4 checkpoint (.pth / rwkv.cpp .bin) or random weights to per-layer ONNX graphs"
+HELP = "export an RWKV-4 or RWKV-7 checkpoint (.pth; RWKV-4 also rwkv.cpp .bin) or random weights to ONNX graphs"
 DESCRIPTION = """\
-Write embed.onnx, mixing_0.onnx ... mixing_{L-1}.onnx and head.onnx in the llama.onnx RWKV-4 layout
-(1-D activations, opset 16, state rows: ffn shift, att shift, aa, bb, pp), ready for `rwkv2rknn split`.
+Write embed.onnx, mixing_0.onnx ... mixing_{L-1}.onnx and head.onnx in the llama.onnx layout (1-D
+activations, opset 16), ready for `rwkv2rknn split`. RWKV-4 layers: input, state_in [5, C] (ffn shift,
+att shift, aa, bb, pp) -> output, state_out. RWKV-7 layers: input, state_in [2, C] (ffn shift, att
+shift), wkv_in [H, 64, 64] (the matrix state) and, after layer 0, v_first -> output, state_out, wkv_out
+(layer 0 also v_first). The version is read from the checkpoint's tensor names.
 
-Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch), an rwkv.cpp .bin (fp32 or fp16; quantized
-files are refused), or --random weights of a given shape for tests and benchmarks.
+Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch), an rwkv.cpp .bin (RWKV-4, fp32 or fp16;
+quantized files are refused), or --random weights of a given shape (--family) for tests and benchmarks.
 """
 EPILOG = """\
 examples:
@@ -45,11 +48,20 @@ def register(subparsers) -> None:
     r.add_argument("--vocab", type=int, metavar="V", help="vocabulary size (with --random)")
     r.add_argument("--ffn", type=int, metavar="F", help="ffn hidden width (with --random; default 4*C)")
     r.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    r.add_argument("--family", default=None, choices=_family_names(),
+                   help="RWKV version of the random weights (default rwkv4; a checkpoint's version is read from "
+                   "its tensor names)")
     p.set_defaults(func=run)
 
 
+def _family_names() -> list[str]:
+    from rwkv2rknn import families
+
+    return families.names()
+
+
 def _weights(args):
-    from rwkv2rknn import checkpoints
+    from rwkv2rknn import families
 
     shape_opts = {k: getattr(args, k) for k in ("layers", "embd", "vocab", "ffn")}
     if args.random:
@@ -61,24 +73,25 @@ def _weights(args):
         bad = [f"--{k}" for k, v in shape_opts.items() if v is not None and v < 1]
         if bad:
             raise UserError(f"{', '.join(bad)} must be a positive integer")
-        return checkpoints.random_weights(args.layers, args.embd, args.vocab, args.ffn, args.seed)
+        family = families.get(args.family or "rwkv4")
+        return family, family.random_weights(args.layers, args.embd, args.vocab, seed=args.seed, ffn=args.ffn)
     if not args.src:
         raise UserError("no checkpoint given; name a .pth or .bin file, or use --random with "
                         "--layers/--embd/--vocab")
     given = [f"--{k}" for k, v in shape_opts.items() if v is not None]
     if given:
         raise UserError(f"{args.src}: {', '.join(given)} only apply with --random; the checkpoint sets its shape")
-    return checkpoints.load_checkpoint(args.src)
+    if args.family is not None:
+        raise UserError(f"{args.src}: --family only applies with --random; a checkpoint's tensor names tell its version")
+    return families.load_checkpoint(args.src)
 
 
 def run(args) -> int:
-    from rwkv2rknn.export import export_model
-
     t0 = time.perf_counter()  # reading a checkpoint is part of the wait
-    weights = _weights(args)
-    files = export_model(weights, args.out, dtype=args.dtype, weights_as=args.weights_as,
-                         force=args.force, progress=not args.quiet)
-    print(f"wrote {len(files)} graphs ({weights.n_layer} layers, n_embd={weights.n_embd}, "
+    family, weights = _weights(args)
+    files = family.export(weights, args.out, dtype=args.dtype, weights_as=args.weights_as,
+                          force=args.force, progress=not args.quiet)
+    print(f"wrote {len(files)} {family.label} graphs ({weights.n_layer} layers, n_embd={weights.n_embd}, "
           f"vocab={weights.n_vocab}, {args.dtype}) to {args.out} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     return 0

@@ -598,3 +598,36 @@ def export_model7(weights: Weights7, out_dir: str | os.PathLike, dtype: str = "f
                 f.write(model.SerializeToString())
             del model
     return [out_dir / f"{n}.onnx" for n in names]
+
+
+# -- the family: what the rest of rwkv2rknn asks about RWKV-7 ------------------------------------------------
+
+def _random_family(layers, embd, vocab, seed=0, ffn=None):
+    if ffn is not None:
+        raise UserError("--ffn is not used by RWKV-7 random weights (the FFN is 4 x C); leave it out")
+    return random_weights7(layers, embd, vocab, seed=seed)
+
+
+def _export_family(weights, out_dir, dtype="float16", weights_as="constants", force=False, progress=True):
+    return export_model7(weights, out_dir, dtype=dtype, weights_as=weights_as, force=force, progress=progress)
+
+
+def _family():
+    from rwkv2rknn.families import Family, StateSpec
+
+    state = {"input": 1, "state_in": 2, "wkv_in": 3}
+    out = {"output": 1, "state_out": 2, "wkv_out": 3}
+    return Family(
+        name="rwkv7", label="RWKV-7",
+        layer0_inputs=state, layer0_outputs={**out, "v_first": 1},
+        layer_inputs={**state, "v_first": 1}, layer_outputs=out,
+        states=(StateSpec("state_in", "state_out"), StateSpec("wkv_in", "wkv_out")),
+        extra_links=((0, "v_first", "v_first"),),
+        # the matrix-state update: the decay's Exp and everything after it up to the next projection
+        precision_seeds=("Exp", "Log", "Max"),
+        load_checkpoint=load_pth7, random_weights=_random_family, export=_export_family, detect_keys=detect,
+        notes="state_in [2, C]: ffn shift, att shift; wkv_in [H, N, N]: the matrix state; v_first [C] from layer 0",
+    )
+
+
+FAMILY = _family()
