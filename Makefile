@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Tools some tests drive (command:Debian package): headless chromium renders the report, tmux drives --chat.
 SYSTEM_TOOLS := chromium:chromium tmux:tmux
 
-.PHONY: setup system-tools test test-fast demo bench lint clean
+.PHONY: setup system-tools test test-all demo bench lint clean
 
 setup: $(VENV)/.setup-done system-tools
 
@@ -44,11 +44,12 @@ $(VENV)/.setup-done: pyproject.toml Makefile constraints.txt
 	$(BIN)/python -c "import rknn.api, onnxruntime, onnx_graphsurgeon, rwkv2rknn" 
 	touch $@
 
+# The default run (CI's): everything but the tests marked slow (big shapes, long runs, extra builds).
 test: setup
-	$(BIN)/python -m pytest -q
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
 
 demo: setup
 	bash examples/quickstart.sh

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, export_shape, save_results
+from benchmarks.common import ROOT, SHAPES7, export_shape, save_results
 
 PUBLISHED = {"2023 attempt (matmul, SDK 1.5.2)": ("rk3588-2023", "matmul", 500.0, 2.0),
              "rwkv.cpp on the CPU": ("rk3588", "cpu", 61.0, 1.5)}
@@ -49,8 +49,23 @@ def run(work: Path) -> dict:
         backtests.append({"what": what, "board": board, "policy": policy, "published_ms": published,
                           "predicted_ms": got, "tolerance": factor,
                           "within": published / factor <= got <= published * factor})
+    rwkv7 = []
+    profile = load_profile("rk3588")
+    for shape in SHAPES7:
+        model7 = export_shape(work, shape)
+        for policy in ("fused", "deep"):
+            t0 = time.perf_counter()
+            est = estimate(features_plan([model7], policy=policy), profile)
+            rwkv7.append({"shape": shape, "policy": policy, "board": "rk3588",
+                          "decode_ms_per_token": est.decode_ms_per_token,
+                          "prefill_ms_per_token": est.prefill_ms_per_token,
+                          "npu_calls_per_token": est.npu_calls_per_token, "breakdown": est.breakdown})
+            print(f"{shape:12s} {policy:7s} {est.decode_ms_per_token:8.1f} ms/token  prefill "
+                  f"{est.prefill_ms_per_token:6.1f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"shape": "430M", "label": "PREDICTIONS from board profiles, not measurements", "rows": rows,
-            "backtests": backtests}
+            "backtests": backtests, "rwkv7": rwkv7,
+            "rkllm": {"shape": "RWKV-7 1.5B", "decode_ms_per_token": 72.0, "prefill_ms_per_token": 634 / 128,
+                      "source": "RKLLM 1.3.0, w8a8, published (shared/docs/rk3588-board-costs.md)"}}
 
 
 def main() -> None:

@@ -99,6 +99,17 @@ def estimate_table(est: dict) -> list[str]:
     for t in est["backtests"]:
         out.append(f"| {t['what']} | {t['board']} | {t['policy']} | {t['published_ms']:.0f} | "
                    f"{t['predicted_ms']:.1f} | {'yes' if t['within'] else 'NO'} ({t['tolerance']:g}x) |")
+    if est.get("rwkv7"):
+        rk = est.get("rkllm") or {}
+        out += ["", "**PREDICTED RWKV-7 board time per token** (random weights of the shapes, board profile rk3588; "
+                "predictions, not measurements), beside Rockchip's own RKLLM (a published board measurement)", "",
+                "| shape | plan | decode ms/token | prefill ms/token | NPU calls/token |", "|---|---|---:|---:|---:|"]
+        for r in est["rwkv7"]:
+            out.append(f"| {r['shape']} | rwkv2rknn {r['policy']} (predicted) | {r['decode_ms_per_token']:.1f} | "
+                       f"{r['prefill_ms_per_token']:.1f} | {r['npu_calls_per_token']:g} |")
+        if rk:
+            out.append(f"| {rk['shape']} | RKLLM 1.3.0 w8a8 (published) | {rk['decode_ms_per_token']:.0f} | "
+                       f"{rk['prefill_ms_per_token']:.1f} | - |")
     out.append("")
     return out
 
