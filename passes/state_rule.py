@@ -165,4 +165,25 @@ def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int]
             prod = producer.get(t.name) if isinstance(t, gs.Variable) else None
             if prod is not None and id(prod) in shared:
                 node.inputs[i] = clone(prod).outputs[0]
+    # A state output written by a node the output side also reads (RWKV-7's y = S' @ r reads the new
+    # state): the copy writes the graph output; the original keeps feeding the output side under a new name.
+    for o in outs:
+        t = tensors[o]
+        prod = producer.get(o)
+        if prod is None or id(prod) not in shared:
+            continue
+        copy = clone(prod)
+        k = next(j for j, x in enumerate(prod.outputs) if x is t)
+        inner = gs.Variable(f"{o}.npu", dtype=t.dtype, shape=t.shape)
+        for user in list(t.outputs):
+            for i, x in enumerate(list(user.inputs)):
+                if x is t:
+                    user.inputs[i] = inner
+        prod.outputs[k] = inner
+        mine = copy.outputs[k]
+        for user in list(mine.outputs):  # other copies that read the copy's value
+            for i, x in enumerate(list(user.inputs)):
+                if x is mine:
+                    user.inputs[i] = t
+        copy.outputs[k] = t
     return cpu

@@ -346,7 +346,10 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
     if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1):
         raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or at least 2 tokens per call")
-    chunk = (DEFAULT_CHUNK if prefill_chunk is None else prefill_chunk) if model is not None else 0
+    # deep with the state in the NPU model: its prefill scan (M steps unrolled in fp16 on the NPU) took over
+    # 600 s to compile in the measurements of docs/wkv-precision.md; no prefill plan unless asked for
+    default_chunk = 0 if grouped and state_update == "npu" else DEFAULT_CHUNK
+    chunk = (default_chunk if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
     pre_units, own_head = prefill_units(work) if chunk else ([], None)

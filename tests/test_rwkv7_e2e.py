@@ -120,3 +120,21 @@ def test_build_and_simulator_match_the_package(split_dir, package_logits):
     print(f"RWKV-7 simulator chain vs the rwkv package: worst cosine {worst:.6f}")
     assert worst >= 0.999
     assert int(sim[-1].argmax()) == int(package_logits[-1].argmax())
+
+
+def test_deep_is_one_npu_call_per_group_and_matches_the_package(pth, tmp_path, package_logits):
+    """Deep for RWKV-7: the matrix-state products legalized (Mul + ReduceSum), the state update's fp32 copy
+    on the CPU after each NPU call (the new state feeds y = S' @ r, so the copy writes wkv_out)."""
+    from rwkv2rknn.split import split_model
+
+    r = cli("export", pth, "-o", tmp_path / "model", "-q")
+    assert r.returncode == 0, r.stderr
+    data, _ = split_model([tmp_path / "model"], tmp_path / "out", policy="deep", progress=False)
+    groups = [g for g in data["graphs"] if g["name"].startswith("group_")]
+    assert groups and all([s["backend"] for s in g["segments"]] == ["npu", "cpu"] for g in groups)
+    cpu_ops = {p["op"] for g in groups for p in g["placement"] if p["backend"] == "cpu"}
+    assert {"Mul", "ReduceSum"} <= cpu_ops and "MatMul" not in cpu_ops  # the fp32 state update, no projection
+    got = _chain_logits(tmp_path / "out" / "manifest.json", "ort")
+    worst = min(cosine(a, b) for a, b in zip(got, package_logits))
+    print(f"RWKV-7 deep (ort) vs the rwkv package: worst cosine {worst:.8f}")
+    assert worst >= 0.9999

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from rich.table import Table
@@ -33,8 +34,9 @@ def register(sub) -> None:
                    "balanced; the head joins the last group when it fits)")
     p.add_argument("--state-update", default="cpu", choices=["cpu", "npu"],
                    help="deep: where the recurrent-state update runs: cpu (default: fp32, one CPU call after each "
-                   "NPU call; no drift) or npu (fp16 inside the NPU model: fewer calls, the state drifts on "
-                   "long-memory channels)")
+                   "NPU call; 0.2-0.3%% state error over 1,000 tokens, no drift) or npu (kept fp16 inside the NPU "
+                   "model between calls: no conversion, but the state drifts on long-memory channels, 88%% after "
+                   "1,000 tokens on a stress model: docs/wkv-precision.md; no prefill plan by default)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="M",
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
                    "default 16; 0: no prefill plan). The NPU is 10-50x faster per token at M >= 16 than at M = 1")
@@ -52,6 +54,9 @@ def run(args) -> int:
     from rwkv2rknn.split import parse_shapes, split_model
 
     console = make_console()
+    if args.state_update == "npu" and args.policy == "deep":
+        print("rwkv2rknn split: note: --state-update npu keeps each layer's state fp16 between calls; it drifts on "
+              "long-memory channels (docs/wkv-precision.md); the default, cpu, keeps it exact", file=sys.stderr)
     t0 = time.perf_counter()
     data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,

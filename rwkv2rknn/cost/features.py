@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-FEATURES_VERSION = 2
+FEATURES_VERSION = 4
 MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 # Ops that only rename or reshape a tensor: the RKNN compiler folds them; onnxruntime still dispatches them.
 SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Constant")
@@ -36,9 +36,8 @@ CPU_FALLBACK: dict[str, tuple[str, str]] = {
     "Min": ("rank_lt4", "Min with {rank}-D inputs: like Max, placed on the CPU below 4-D (judgement from Max)"),
     "Div": ("wkv_div", "Div of two computed {rank}-D tensors (the WKV num/den) is placed on the CPU by the "
                        "2.5.0 compiler; in another layout it stays on the NPU (shared/docs/rknn-toolkit2.md)"),
-    "ReduceMean": ("not_layernorm", "ReduceMean outside a LayerNorm pattern falls back to the CPU "
-                                    "(toolkit 2.3.2 op list); inside one it becomes exNorm on the NPU"),
-    "ReduceSum": ("always", "ReduceSum falls back to the CPU (toolkit 2.3.2 op list)"),
+    # ReduceMean / ReduceSum over the last axis: measured on the NPU with 2.5.0 (a Conv or exNorm; see
+    # docs/legalization.md and passes/legalize_matvec.py), although toolkit 2.3.2's op list says CPU.
     "ReduceMax": ("always", "ReduceMax falls back to the CPU (toolkit 2.3.2 op list)"),
     "ReduceMin": ("always", "ReduceMin falls back to the CPU (toolkit 2.3.2 op list)"),
     "Gather": ("variable_index", "Gather with computed indices falls back to the CPU (toolkit 2.3.2 op list); "
@@ -47,7 +46,7 @@ CPU_FALLBACK: dict[str, tuple[str, str]] = {
     "Pow": ("not_layernorm", "Pow is not in the RK3588 NPU op list (toolkit 2.3.2) outside a LayerNorm "
                              "pattern (exNorm)"),
     "Reciprocal": ("always", "Reciprocal is not supported on the RK3588 NPU (toolkit 2.3.2 op list)"),
-    "Cast": ("always", "Cast falls back to the CPU (toolkit 2.3.2 op list)"),
+    "Cast": ("not_float_cast", "Cast falls back to the CPU (toolkit 2.3.2 op list)"),
     "Expand": ("always", "Expand falls back to the CPU (toolkit 2.3.2 op list)"),
     "MatMul": ("matmul_4d", "MatMul of two computed 4-D tensors falls back to the CPU (toolkit 2.3.2 op list)"),
 }
@@ -209,14 +208,21 @@ def _fallback(node, infos, consts, in_layernorm: bool) -> str | None:
         hit = True
     elif cond == "rank_lt4":
         hit = rank < 4
-    elif cond == "wkv_div":
-        hit = not in_layernorm and len(variable) >= 2 and rank < 4
+    elif cond == "wkv_div":  # same-shape computed operands only: a broadcast divisor stays on the NPU (measured)
+        shapes = [infos[i][1] for i in variable if i in infos]
+        hit = (not in_layernorm and len(variable) >= 2 and rank < 4 and len(shapes) == 2
+               and shapes[0] is not None and shapes[0] == shapes[1])
     elif cond == "not_layernorm":
         hit = not in_layernorm
     elif cond == "variable_index":
         hit = len(node.input) > 1 and node.input[1] not in consts
     elif cond == "matmul_4d":
         hit = len(variable) >= 2 and rank >= 4
+    elif cond == "not_float_cast":  # fp32 <-> fp16 is folded into the model's fp16 work (measured: no CPU op)
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        src = infos.get(node.input[0], (None, None))[0] if node.input else None
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        hit = not (src in floats and to in floats)
     else:  # pragma: no cover - table typo
         raise ValueError(f"unknown condition {cond!r} for {node.op_type}")
     return reason.format(rank=rank) if hit else None
