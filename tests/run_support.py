@@ -34,7 +34,7 @@ def whole_graph_manifest(model_dir, out_dir, tokenizer: str | None = "bytes") ->
              for a, b in zip(names[:-2], names[1:-1])]
     links.append({"from": {"graph": names[-2], "name": "output"}, "to": {"graph": "head", "name": "x"}})
     state = [{"graph": f"mixing_{i}", "input": "state_in", "output": "state_out",
-              "shape": [model.state_rows, model.n_embd], "dtype": model.float_dtype,
+              "shape": list(model.state_shapes["state_in"]), "dtype": model.float_dtype,
               "init": {"fill": 0.0, "rows": {"4": -1e30} if model.float_dtype == "float32" else {}}}
              for i in range(model.n_layer)]
     data = {"format_version": FORMAT_VERSION, "producer": "tests", "target": "rk3588", "policy": "fused",

@@ -77,7 +77,7 @@ class RKNNLite:
 @pytest.fixture(scope="module")
 def built(model_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("board") / "out"
-    split_model([model_factory(embd=128)], out, progress=False)
+    split_model([model_factory(embd=128)], out, prefill_chunk=0, progress=False)
     build_manifest(out, verify=False, progress=False)  # also builds the calibration probes
     fake = tmp_path_factory.mktemp("fake")
     (fake / "rknnlite").mkdir()

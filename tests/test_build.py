@@ -45,7 +45,7 @@ def _split_tiny(tmp_path_factory, out: Path) -> Path:
     from rwkv2rknn.split import split_model
 
     src = make_model(tmp_path_factory, layers=2, embd=64, vocab=256, dtype="float16")
-    split_model([src], out, policy="fused", target="rk3588", progress=False)
+    split_model([src], out, policy="fused", target="rk3588", prefill_chunk=0, progress=False)
     return out / "manifest.json"
 
 

@@ -95,7 +95,7 @@ def test_deep_build_runs_in_the_simulator_with_no_cpu_op(model_factory, tmp_path
     pytest.importorskip("rknn.api")
     src = model_factory(layers=4, embd=128)
     out = tmp_path / "out"
-    split_model([src], out, policy="deep", layers_per_call=2, progress=False)
+    split_model([src], out, policy="deep", layers_per_call=2, prefill_chunk=0, progress=False)
     assert cli_main(["build", str(out), "-q"]) == 0
     m = Manifest.load(out / "manifest.json")
     npu = [s for _, s in m.segments() if s["backend"] == "npu"]

@@ -53,7 +53,7 @@ def test_pth_export_split_build_run_agrees_with_rwkv_package(tmp_path):
     pytest.importorskip("rwkv")
     save_pth(random_weights(LAYERS, EMBD, VOCAB, seed=3), tmp_path / "ckpt.pth")
     _cli("export", tmp_path / "ckpt.pth", "-o", tmp_path / "model", "-q")
-    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q")
+    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q", "--prefill-chunk", "0")
     manifest = tmp_path / "out" / "manifest.json"
     _cli("build", tmp_path / "out", "--target", "rk3588", "-q")
     assert _npu_segments(manifest), "the split put nothing on the NPU"
@@ -71,7 +71,7 @@ def test_fp32_pth_export_matches_rwkv_package_tightly(tmp_path):
     pytest.importorskip("rwkv")
     save_pth(random_weights(LAYERS, EMBD, VOCAB, seed=4), tmp_path / "ckpt.pth")
     _cli("export", tmp_path / "ckpt.pth", "-o", tmp_path / "model", "--dtype", "float32", "-q")
-    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q")
+    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q", "--prefill-chunk", "0")
     ours = _logits(tmp_path / "out" / "manifest.json", "ort", tmp_path / "ort.npy")
     reference = _rwkv_pip_logits(tmp_path / "ckpt", tmp_path / "pip.npy")
     assert cosine(ours, reference) >= 0.99999
@@ -82,7 +82,7 @@ def test_fp32_pth_export_matches_rwkv_package_tightly(tmp_path):
 def test_rwkv_cpp_bin_builds_end_to_end(tmp_path, tensor_dtype):
     save_bin(random_weights(LAYERS, EMBD, VOCAB, seed=5), tmp_path / "model.bin", dtype=tensor_dtype)
     _cli("export", tmp_path / "model.bin", "-o", tmp_path / "model", "-q")
-    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q")
+    _cli("split", tmp_path / "model", "-o", tmp_path / "out", "-q", "--prefill-chunk", "0")
     _cli("build", tmp_path / "out", "--target", "rk3588", "-q")
     npu = _npu_segments(tmp_path / "out" / "manifest.json")
     assert len(npu) >= 2 * LAYERS

@@ -290,7 +290,7 @@ def test_cli_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rwkv2rknn", "export", "--random", "--layers", "1", "--embd", "16",
                         "--vocab", "32", "-o", str(tmp_path / "m")], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
-    assert "wrote 3 graphs" in r.stderr
+    assert "wrote 3 RWKV-4 graphs" in r.stderr
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_published_graphs_build_and_run_in_the_simulator(published, tmp_path):
     from rwkv2rknn.run.chain import runner_factory
 
     out = tmp_path / "out"
-    split_model([published(128, "tensors")], out, policy="fused", progress=False)
+    split_model([published(128, "tensors")], out, policy="fused", prefill_chunk=0, progress=False)
     build_manifest(out, jobs=2, progress=False)
     manifest = Manifest.load(out / "manifest.json")
     npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
