@@ -80,18 +80,17 @@ def canonical_shapes(n_layer: int, n_embd: int, n_vocab: int, n_ffn: int) -> dic
     return shapes
 
 
-class Weights:
-    """RWKV-4 weights in canonical form (see the module docstring), fetched part by part."""
+class PartedWeights:
+    """Weights fetched part by part ("embed", a layer index, "head"), so a big model is never held twice.
 
-    def __init__(self, n_layer: int, n_embd: int, n_vocab: int, n_ffn: int,
-                 fetch: Callable[[Part], dict[str, np.ndarray]], source: str = "<memory>"):
-        self.n_layer, self.n_embd, self.n_vocab, self.n_ffn = n_layer, n_embd, n_vocab, n_ffn
+    Subclasses (one per RWKV version) name each part's tensors (`_keys`, `_file_name`) and how to make a
+    copy of themselves around another fetch function (`_like`).
+    """
+
+    def __init__(self, n_layer: int, fetch: Callable[[Part], dict[str, np.ndarray]], source: str = "<memory>"):
+        self.n_layer = n_layer
         self.source = source
         self._fetch = fetch
-
-    def __repr__(self) -> str:
-        return (f"Weights(n_layer={self.n_layer}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, "
-                f"n_ffn={self.n_ffn}, source={self.source!r})")
 
     def embed(self) -> dict[str, np.ndarray]:
         return self._fetch("embed")
@@ -104,10 +103,6 @@ class Weights:
     def head(self) -> dict[str, np.ndarray]:
         return self._fetch("head")
 
-    def decay(self, i: int) -> np.ndarray:
-        """w = -exp(time_decay) of layer i, as the graph uses it (what the canonical form stores)."""
-        return self.layer(i)["att.time_decay"]
-
     def parts(self) -> Iterator[tuple[Part, dict[str, np.ndarray]]]:
         yield "embed", self.embed()
         for i in range(self.n_layer):
@@ -117,14 +112,48 @@ class Weights:
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Every tensor as (checkpoint-file name, canonical array), one part in memory at a time."""
         for part, tensors in self.parts():
-            for key in _part_keys(part):
-                yield _file_name(part, key), tensors[key]
+            for key in self._keys(part):
+                yield self._file_name(part, key), tensors[key]
 
-    def materialize(self) -> Weights:
+    def materialize(self):
         """An in-memory copy (for small models: tests, references)."""
-        cache = {part: tensors for part, tensors in self.parts()}
-        return Weights(self.n_layer, self.n_embd, self.n_vocab, self.n_ffn,
-                       lambda part: dict(cache[part]), self.source)
+        cache = dict(self.parts())
+        return self._like(lambda part: dict(cache[part]))
+
+    def _keys(self, part: Part):
+        raise NotImplementedError
+
+    def _file_name(self, part: Part, key: str) -> str:
+        raise NotImplementedError
+
+    def _like(self, fetch):
+        raise NotImplementedError
+
+
+class Weights(PartedWeights):
+    """RWKV-4 weights in canonical form (see the module docstring), fetched part by part."""
+
+    def __init__(self, n_layer: int, n_embd: int, n_vocab: int, n_ffn: int,
+                 fetch: Callable[[Part], dict[str, np.ndarray]], source: str = "<memory>"):
+        super().__init__(n_layer, fetch, source)
+        self.n_embd, self.n_vocab, self.n_ffn = n_embd, n_vocab, n_ffn
+
+    def __repr__(self) -> str:
+        return (f"Weights(n_layer={self.n_layer}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, "
+                f"n_ffn={self.n_ffn}, source={self.source!r})")
+
+    def decay(self, i: int) -> np.ndarray:
+        """w = -exp(time_decay) of layer i, as the graph uses it (what the canonical form stores)."""
+        return self.layer(i)["att.time_decay"]
+
+    def _keys(self, part: Part):
+        return _part_keys(part)
+
+    def _file_name(self, part: Part, key: str) -> str:
+        return _file_name(part, key)
+
+    def _like(self, fetch) -> Weights:
+        return Weights(self.n_layer, self.n_embd, self.n_vocab, self.n_ffn, fetch, self.source)
 
 
 def from_tensors(tensors: dict[str, np.ndarray], source: str = "<memory>", raw_decay: bool = False) -> Weights:

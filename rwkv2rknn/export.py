@@ -211,20 +211,32 @@ def export_model(weights: Weights, out_dir: str | os.PathLike, dtype: str = "flo
         raise UserError(f"dtype {dtype!r} is not supported; use float16 or float32")
     if weights_as not in WEIGHTS_AS:
         raise UserError(f"weights_as {weights_as!r} is not supported; use constants or initializers")
+    return write_graphs(weights, out_dir, (build_embed, build_mixing, build_head), dtype, weights_as, force,
+                        progress)
+
+
+def write_graphs(weights, out_dir: str | os.PathLike, builders, dtype: str, weights_as: str, force: bool,
+                 progress: bool) -> list[Path]:
+    """embed.onnx, mixing_0..L-1.onnx and head.onnx from (build_embed, build_mixing, build_head), all or nothing.
+
+    One part is fetched, built, serialized and dropped at a time: peak memory is about one layer's weights
+    (or the embedding) a few times over, not the whole model.
+    """
     from tqdm import tqdm
 
+    build_embed_, build_mixing_, build_head_ = builders
     out_dir = Path(out_dir)
     names = ["embed"] + [f"mixing_{i}" for i in range(weights.n_layer)] + ["head"]
     with staged_directory(out_dir, force=force) as stage:
         for name in tqdm(names, desc=f"export {out_dir}", unit="file", file=sys.stderr,
                          disable=None if progress else True):  # None: only on a terminal
             if name == "embed":
-                model = build_embed(weights.embed(), dtype, weights_as)
+                model = build_embed_(weights.embed(), dtype, weights_as)
             elif name == "head":
-                model = build_head(weights.head(), dtype, weights_as)
+                model = build_head_(weights.head(), dtype, weights_as)
             else:
                 i = int(name.split("_")[1])
-                model = build_mixing(weights.layer(i), i, dtype, weights_as)
+                model = build_mixing_(weights.layer(i), i, dtype, weights_as)
             with open(stage / f"{name}.onnx", "wb") as f:
                 f.write(model.SerializeToString())
             del model

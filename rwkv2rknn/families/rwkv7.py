@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from rwkv2rknn.checkpoints import _check_file, _import_torch
+from rwkv2rknn.checkpoints import PartedWeights, _check_file, _import_torch
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.export import DTYPES, WEIGHTS_AS, _GraphBuilder
-from rwkv2rknn.fsio import atomic_path, staged_directory
+from rwkv2rknn.export import DTYPES, WEIGHTS_AS, _GraphBuilder, write_graphs
+from rwkv2rknn.fsio import atomic_path
 
 LN_EPS = 1e-5  # LayerNorm (ln0, ln1, ln2, ln_out)
 GN_EPS = 64e-5  # GroupNorm ln_x over each head
@@ -99,50 +98,30 @@ def _canonical_shape(sym: tuple, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else dims[d] for d in sym)
 
 
-class Weights7:
+class Weights7(PartedWeights):
     """RWKV-7 weights in canonical form (see the module docstring), fetched part by part."""
 
     def __init__(self, dims: dict[str, int], fetch: Callable[[Part], dict[str, np.ndarray]],
                  source: str = "<memory>"):
+        super().__init__(dims["L"], fetch, source)
         self.dims = dict(dims)
-        self.n_layer, self.n_embd, self.n_vocab, self.n_ffn = dims["L"], dims["C"], dims["V"], dims["F"]
+        self.n_embd, self.n_vocab, self.n_ffn = dims["C"], dims["V"], dims["F"]
         self.n_head, self.head_size = dims["H"], dims["N"]
         self.lora_w, self.lora_a, self.lora_v, self.lora_g = dims["Dw"], dims["Da"], dims["Dv"], dims["Dg"]
-        self.source = source
-        self._fetch = fetch
 
     def __repr__(self) -> str:
         return (f"Weights7(n_layer={self.n_layer}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, "
                 f"n_head={self.n_head}, head_size={self.head_size}, lora w/a/v/g={self.lora_w}/"
                 f"{self.lora_a}/{self.lora_v}/{self.lora_g}, source={self.source!r})")
 
-    def embed(self) -> dict[str, np.ndarray]:
-        return self._fetch("embed")
+    def _keys(self, part: Part):
+        return _part_keys(part)
 
-    def layer(self, i: int) -> dict[str, np.ndarray]:
-        if not 0 <= i < self.n_layer:
-            raise IndexError(f"layer {i} out of range 0..{self.n_layer - 1}")
-        return self._fetch(i)
+    def _file_name(self, part: Part, key: str) -> str:
+        return _file_name(part, key)
 
-    def head(self) -> dict[str, np.ndarray]:
-        return self._fetch("head")
-
-    def parts(self) -> Iterator[tuple[Part, dict[str, np.ndarray]]]:
-        yield "embed", self.embed()
-        for i in range(self.n_layer):
-            yield i, self.layer(i)
-        yield "head", self.head()
-
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Every tensor as (checkpoint-file name, canonical array), one part in memory at a time."""
-        for part, tensors in self.parts():
-            for key in _part_keys(part):
-                yield _file_name(part, key), tensors[key]
-
-    def materialize(self) -> Weights7:
-        """An in-memory copy (for small models: tests, references)."""
-        cache = dict(self.parts())
-        return Weights7(self.dims, lambda part: dict(cache[part]), self.source)
+    def _like(self, fetch) -> Weights7:
+        return Weights7(self.dims, fetch, self.source)
 
 
 def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, tuple[int, ...]],
@@ -580,24 +559,8 @@ def export_model7(weights: Weights7, out_dir: str | os.PathLike, dtype: str = "f
     weights (or the embedding) a few times over.
     """
     _check_options(dtype, weights_as)
-    from tqdm import tqdm
-
-    out_dir = Path(out_dir)
-    names = ["embed"] + [f"mixing_{i}" for i in range(weights.n_layer)] + ["head"]
-    with staged_directory(out_dir, force=force) as stage:
-        for name in tqdm(names, desc=f"export {out_dir}", unit="file", file=sys.stderr,
-                         disable=None if progress else True):
-            if name == "embed":
-                model = build_embed7(weights.embed(), dtype, weights_as)
-            elif name == "head":
-                model = build_head7(weights.head(), dtype, weights_as)
-            else:
-                i = int(name.split("_")[1])
-                model = build_mixing7(weights.layer(i), i, dtype, weights_as)
-            with open(stage / f"{name}.onnx", "wb") as f:
-                f.write(model.SerializeToString())
-            del model
-    return [out_dir / f"{n}.onnx" for n in names]
+    return write_graphs(weights, out_dir, (build_embed7, build_mixing7, build_head7), dtype, weights_as, force,
+                        progress)
 
 
 # -- the family: what the rest of rwkv2rknn asks about RWKV-7 ------------------------------------------------
