@@ -295,8 +295,9 @@ def _open_by_default(names: list[str], i: int) -> bool:
     return i in (0, first_mixing, len(names) - 1)
 
 
-def _cost_html(manifest: Manifest, board: str | None) -> str:
-    """The predicted-time section, or a note why there is none (features missing, a bad profile)."""
+def _cost_html(manifest: Manifest, board: str | None) -> tuple[str, dict]:
+    """The predicted-time section (or a note why there is none: features missing, a bad profile), and the
+    predicted time of every segment: id -> (breakdown ms per call, ms per call)."""
     from rwkv2rknn.cost.estimate import estimate, with_features
     from rwkv2rknn.cost.profile import load_profile
     from rwkv2rknn.errors import UserError
@@ -307,8 +308,10 @@ def _cost_html(manifest: Manifest, board: str | None) -> str:
         data, _ = with_features(manifest.data, lambda g, s: onnx.load(str(manifest.resolve(s["onnx"]))))
         est, cpu = estimate(data, profile), estimate(data, profile, all_cpu=True)
     except (UserError, OSError, ValueError) as exc:
-        return f"<p class='muted'>no time prediction: {html.escape(str(exc))}</p>"
-    return cost_section(data, est, cpu, profile.name, str(profile.path))
+        return f"<p class='muted'>no time prediction: {html.escape(str(exc))}</p>", {}
+    per_segment = {s.id: (s.breakdown, s.ms) for plan in (est.decode, est.prefill) if plan is not None
+                   for g in plan.graphs for s in g.segments}
+    return cost_section(data, est, cpu, profile.name, str(profile.path)), per_segment
 
 
 def render_report(manifest_path: str | Path, board: str | None = None) -> str:
@@ -354,7 +357,8 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
            "column is its depth inside its segment. Hover a node for its name and placement reason. "
            "Bytes crossing are the inputs plus outputs of every NPU call.</p>")]
 
-    out.append(_cost_html(manifest, board))
+    cost_html, seg_cost = _cost_html(manifest, board)
+    out.append(cost_html)
     # Overview: one row per graph, linking to its section.
     out.append("<h2>graphs</h2><p><button onclick='setAll(true)'>expand all</button>"
                "<button onclick='setAll(false)'>collapse all</button></p>")
@@ -381,6 +385,12 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
         out.append(f"<details class='graph' id='{_anchor(graph['name'])}'{open_attr}><summary>"
                    f"{esc(graph['name'])}: {r['npu']} NPU / {r['cpu']} CPU segments"
                    f"{fell_back}</summary>")
+        priced = [(s["id"], *seg_cost[s["id"]]) for s in segs if s["id"] in seg_cost]
+        if priced:  # where each call's predicted time goes, segment by segment
+            from rwkv2rknn.report_cost import stacked_bars
+
+            out.append("<p class='muted'>predicted ms per call of each segment (board profile; a prediction):</p>"
+                       + stacked_bars([(sid, b, ms, "") for sid, b, ms in priced]))
         out.append("<table><tr><th>segment</th><th>backend</th><th>nodes</th><th>MatMul MFLOP</th>"
                    "<th>files</th><th>inputs</th><th>outputs</th><th>verify rel_l2 (cosine) / max abs</th>"
                    "<th>fallback reason</th></tr>")

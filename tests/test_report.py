@@ -61,7 +61,8 @@ def test_report_names_every_segment_with_its_metrics(built_out, tmp_path):
     for g in graphs:  # one section and one drawing per graph
         assert f"id='{_anchor(g['name'])}'" in text
     # plus the predicted-time pictures: the plan against the CPU-only plan, and one bar per graph
-    assert text.count("<svg") == len(graphs) + 2
+    # + one bar chart of predicted time per segment in every graph's section
+    assert text.count("<svg") == 2 * len(graphs) + 2
     assert "predicted time per token on board profile rk3588" in text and "not a board measurement" in text
     from rwkv2rknn.cost import estimate, load_profile
     est = estimate(m.data, load_profile("rk3588"))
