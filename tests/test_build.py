@@ -240,7 +240,7 @@ def test_fp16_build_records_rel_l2_and_the_whole_model_check(tmp_path, tmp_path_
     # the compiler's own per-op table, and the estimate using it
     from rwkv2rknn.cost import estimate, load_profile
     est = estimate(m.data, load_profile("rk3588"))
-    priced = {s.id: s for plan in (est.decode, est.prefill) for g in plan.graphs for s in g.segments}
+    priced = {s.id: s for plan in (est.decode, est.prefill) if plan is not None for g in plan.graphs for s in g.segments}
     for _, s in m.segments():
         if s["backend"] == "npu":
             t = s["compiler"]
