@@ -211,6 +211,7 @@ def test_build_split_model_end_to_end(tmp_path, tmp_path_factory, monkeypatch, c
     np.testing.assert_allclose(_logits(crashed / "manifest.json"), reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # w8a8 of a split model runs in the default suite in the per-segment fallback test below
 def test_w8a8_split_model_with_calib_text(tmp_path, tmp_path_factory):
     from rwkv2rknn.build import build_manifest
 

@@ -78,7 +78,7 @@ def test_fp32_pth_export_matches_rwkv_package_tightly(tmp_path):
     assert np.abs(ours - reference).max() <= 1e-3
 
 
-@pytest.mark.parametrize("tensor_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("tensor_dtype", ["float16", pytest.param("float32", marks=pytest.mark.slow)])
 def test_rwkv_cpp_bin_builds_end_to_end(tmp_path, tensor_dtype):
     save_bin(random_weights(LAYERS, EMBD, VOCAB, seed=5), tmp_path / "model.bin", dtype=tensor_dtype)
     _cli("export", tmp_path / "model.bin", "-o", tmp_path / "model", "-q")
