@@ -24,6 +24,7 @@ from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
+from rwkv2rknn.model_loop import model_loop
 from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
 from rwkv2rknn.prefill import DEFAULT_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
@@ -224,18 +225,6 @@ def _source_float_dtype(model: onnx.ModelProto) -> str:
     return "float32"
 
 
-def _tokenizer_hint(model: RwkvModel) -> str | None:
-    if model.tokenizer_file is not None:
-        return "tokenizer.json"
-    if model.vocab_size == 256:
-        return "bytes"
-    if model.vocab_size == 65536:
-        return "world"
-    if 50254 <= model.vocab_size <= 50432:  # GPT-NeoX 20B BPE (Pile / Raven)
-        return "neox"
-    return None
-
-
 def _check_tokenizer(model: RwkvModel) -> None:
     """A tokenizer.json beside the graphs is copied into the output: it must fit the model's vocab."""
     from rwkv2rknn.run.tokenizers import JsonTokenizer
@@ -244,43 +233,6 @@ def _check_tokenizer(model: RwkvModel) -> None:
     if tok.vocab_size > model.vocab_size:
         raise UserError(f"{model.tokenizer_file}: {tok.vocab_size} tokens, but head.onnx has {model.vocab_size} "
                         "logits; put the tokenizer the model was trained with beside the graphs")
-
-
-def _model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all: bool) -> dict:
-    unit_of = {src.name: u for u in units for src in u.sources}
-    graph_policy = {e["name"]: e["policy"] for e in entries}
-    # a state the NPU keeps in fp16 between calls (deep, --state-update npu) is carried as float16
-    state_dtype = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
-
-    def ref(graph: str, tensor: str) -> dict:
-        return tensor_ref(unit_of[graph], graph, tensor)
-
-    # a link inside a merged unit is a tensor of that unit's graph, not a hand-off between graphs
-    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in model.family.links(model.n_layer)
-             if unit_of[a] is not unit_of[b]]
-
-    # A family's fp32-only initial rows (RWKV-4's pp = -1e30 overflows float16) apply only while the state
-    # stays fp32 on the CPU; at 0 instead the outputs are the same because aa = bb = 0 at the start.
-    def init_rows(graph: str, spec) -> dict:
-        unit = unit_of[graph].name
-        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[unit]).npu_all or npu_all)
-        return {str(r): v for r, v in spec.rows_fp32.items()} if fp32_recurrence else {}
-
-    state = []
-    for i in range(model.n_layer):
-        g = f"mixing_{i}"
-        for spec in model.family.states:
-            r_in, r_out = ref(g, spec.input), ref(g, spec.output)
-            state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
-                          "shape": list(model.state_shapes[spec.input]),
-                          "dtype": state_dtype.get(r_in["name"], "float32"),
-                          "init": {"fill": 0.0, "rows": init_rows(g, spec)}})
-    return {"family": model.family.name, "n_layer": model.n_layer, "n_embd": model.n_embd,
-            "vocab_size": model.vocab_size,
-            "tokenizer": _tokenizer_hint(model),
-            "token_input": ref("embed", "token"),
-            "logits": ref("head", "output"),
-            "links": links, "state": state}
 
 
 def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict, list[GraphReport]]:
@@ -388,7 +340,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     def manifest_data() -> dict:
-        loop = _model_loop(model, work, entries, npu_all) if model else None
+        loop = model_loop(model, work, entries, npu_all) if model else None
         data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,

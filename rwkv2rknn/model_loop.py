@@ -1,0 +1,58 @@
+"""The token loop of a whole model in the manifest: hand-offs between graphs, recurrent states, token, logits."""
+
+from __future__ import annotations
+
+from rwkv2rknn import policies
+from rwkv2rknn.deep import Unit, tensor_ref
+from rwkv2rknn.model import RwkvModel
+
+
+def _tokenizer_hint(model: RwkvModel) -> str | None:
+    if model.tokenizer_file is not None:
+        return "tokenizer.json"
+    if model.vocab_size == 256:
+        return "bytes"
+    if model.vocab_size == 65536:
+        return "world"
+    if 50254 <= model.vocab_size <= 50432:  # GPT-NeoX 20B BPE (Pile / Raven)
+        return "neox"
+    return None
+
+
+def model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all: bool) -> dict:
+    """The manifest's `model`: links between graphs, recurrent states with their initial values, token input,
+    logits, vocab and tokenizer hint, in terms of the split's units (a merged unit holds `<graph>.<name>`)."""
+    unit_of = {src.name: u for u in units for src in u.sources}
+    graph_policy = {e["name"]: e["policy"] for e in entries}
+    # a state the NPU keeps in fp16 between calls (deep, --state-update npu) is carried as float16
+    state_dtype = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
+
+    def ref(graph: str, tensor: str) -> dict:
+        return tensor_ref(unit_of[graph], graph, tensor)
+
+    # a link inside a merged unit is a tensor of that unit's graph, not a hand-off between graphs
+    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in model.family.links(model.n_layer)
+             if unit_of[a] is not unit_of[b]]
+
+    # A family's fp32-only initial rows (RWKV-4's pp = -1e30 overflows float16) apply only while the state
+    # stays fp32 on the CPU; at 0 instead the outputs are the same because aa = bb = 0 at the start.
+    def init_rows(graph: str, spec) -> dict:
+        unit = unit_of[graph].name
+        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[unit]).npu_all or npu_all)
+        return {str(r): v for r, v in spec.rows_fp32.items()} if fp32_recurrence else {}
+
+    state = []
+    for i in range(model.n_layer):
+        g = f"mixing_{i}"
+        for spec in model.family.states:
+            r_in, r_out = ref(g, spec.input), ref(g, spec.output)
+            state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                          "shape": list(model.state_shapes[spec.input]),
+                          "dtype": state_dtype.get(r_in["name"], "float32"),
+                          "init": {"fill": 0.0, "rows": init_rows(g, spec)}})
+    return {"family": model.family.name, "n_layer": model.n_layer, "n_embd": model.n_embd,
+            "vocab_size": model.vocab_size,
+            "tokenizer": _tokenizer_hint(model),
+            "token_input": ref("embed", "token"),
+            "logits": ref("head", "output"),
+            "links": links, "state": state}
