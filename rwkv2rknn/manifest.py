@@ -160,6 +160,11 @@ SCHEMA = {
 }
 
 
+def runs_on(seg: dict) -> str:
+    """Where a segment runs: "npu", or "cpu" (planned so, or an NPU segment whose compile failed)."""
+    return "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu"
+
+
 def tensor_spec(name: str, dtype: str, shape) -> dict:
     return {"name": name, "dtype": str(dtype), "shape": [int(d) for d in shape]}
 

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.manifest import runs_on
 from rwkv2rknn.fsio import atomic_path
 
 PROBE_OPSET = 13
@@ -176,7 +177,7 @@ def calibrate(manifest, make_runner: Callable | None, probes: Mapping, out_path,
             arrays = [feed[t["name"]] for t in seg["inputs"]]
             sec = time_runner(runner, arrays, repeats, warmup, clock)
             entry = {"ms": sec * 1e3, "repeats": repeats,
-                     "backend": "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu",
+                     "backend": runs_on(seg),
                      "source": src("this segment, one call")}
             mask = getattr(runner, "core_mask", None)
             if isinstance(mask, int):

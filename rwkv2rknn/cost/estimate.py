@@ -28,6 +28,7 @@ from typing import NamedTuple
 from rwkv2rknn.cost.features import FEATURES_VERSION, segment_features
 from rwkv2rknn.cost.profile import CORE_MASK_NAMES, BoardProfile
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.manifest import runs_on
 
 CATEGORIES = ("npu_stream", "npu_compute", "npu_call", "conversion", "hops", "cpu_compute", "cpu_call")
 LABEL = "PREDICTION from a board profile (published figures and judgement), not a measurement"
@@ -258,21 +259,21 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
         else:
             n_npu = n_cpu = 0
             for seg, (f, where) in zip(g["segments"], feats):
-                runs_on = "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu"
-                compiler = seg.get("compiler") if runs_on == "npu" else None
+                side = runs_on(seg)
+                compiler = seg.get("compiler") if side == "npu" else None
                 prec = seg.get("precision", precision)
                 rows = f.get("rows", 1) if own_rows else t
-                sec, b, mask, variants, hops = price_segment(f, profile, runs_on, rows, compiler, prec)
+                sec, b, mask, variants, hops = price_segment(f, profile, side, rows, compiler, prec)
                 _add(gb, b)
                 m = measured.get(seg["id"])
                 if m is None:
                     all_measured = False
                 else:
                     measured_sum += float(m["ms"])
-                n_npu += runs_on == "npu"
-                n_cpu += runs_on == "cpu"
+                n_npu += side == "npu"
+                n_cpu += side == "cpu"
                 segs.append(SegmentEstimate(
-                    id=seg["id"], backend=seg["backend"], runs_on=runs_on, ms=sec * 1e3,
+                    id=seg["id"], backend=seg["backend"], runs_on=side, ms=sec * 1e3,
                     breakdown={k: v * 1e3 for k, v in b.items()}, core_mask=mask,
                     one_core_ms=variants[1] * 1e3 if 1 in variants else None,
                     three_core_ms=variants[7] * 1e3 if 7 in variants else None,

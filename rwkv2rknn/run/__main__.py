@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from rwkv2rknn.errors import UserError, run_guarded
+from rwkv2rknn.manifest import runs_on
 
 PROG = "python -m rwkv2rknn.run"
 
@@ -76,7 +77,7 @@ def _open_chain(args, manifest, timed=False):
 
     factory = runner_factory(manifest, args.backend, core_mask=core_mask_value(args.core_mask),
                              threads=args.threads)
-    npu = sum(1 for _, s in manifest.segments() if s["backend"] == "npu" and not s.get("fallback_reason"))
+    npu = sum(1 for _, s in manifest.segments() if runs_on(s) == "npu")
     if factory.backend == "rknn-sim" and npu and not args.quiet:
         print(f"rknn-sim: compiling {npu} NPU segment(s) in the simulator first; this takes seconds each",
               file=sys.stderr)
@@ -207,7 +208,7 @@ def run_check(chain, manifest, args) -> int:
 
     rng = np.random.default_rng(args.seed or 0)
     sim = chain.backend in ("rknn-sim", "rknn-lite") and any(
-        s["backend"] == "npu" and not s.get("fallback_reason") for _, s in manifest.segments())
+        runs_on(s) == "npu" for _, s in manifest.segments())
     failed = 0
     for g in manifest.graphs:
         src = manifest.resolve(g["source"]["path"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.manifest import Manifest, runs_on
 from rwkv2rknn.run.runners import (
     CORE_MASKS,
     OrtRunner,
@@ -62,7 +62,7 @@ def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int | No
         ins = [t["name"] for t in seg["inputs"]]
         outs = [t["name"] for t in seg["outputs"]]
         onnx_path = manifest.resolve(seg["onnx"])
-        if seg["backend"] == "cpu" or seg.get("fallback_reason") or backend == "ort":
+        if runs_on(seg) == "cpu" or backend == "ort":
             return OrtRunner(onnx_path, ins, outs, threads=threads)
         if backend == "rknn-sim":
             return RknnSimRunner(onnx_path, ins, outs, target=manifest.target,
