@@ -24,15 +24,17 @@ def measure(model_dir: Path, policy: str) -> dict:
     from rwkv2rknn.split import split_model
 
     t0 = time.perf_counter()
-    _, reports = split_model([model_dir], policy=policy, preview=True, progress=False)
+    _, reports = split_model([model_dir], policy=policy, preview=True, progress=False, prefill_chunk=0)
     seconds = time.perf_counter() - t0
     flops = sum(r.matmul_flops for r in reports)
     npu = sum(r.npu_matmul_flops for r in reports)
-    mixing = [r for r in reports if r.name.startswith("mixing")]
+    # a layer graph, or (deep) a group of layers: the most segments one NPU/CPU round trip of layers makes
+    mixing = [r for r in reports if r.name.startswith(("mixing", "group"))]
     return {"policy": policy, "npu_calls_per_token": sum(r.npu_segments for r in reports),
             "cpu_segments_per_token": sum(r.cpu_segments for r in reports),
             "max_npu_segments_per_layer": max(r.npu_segments for r in mixing),
             "max_cpu_segments_per_layer": max(r.cpu_segments for r in mixing),
+            "graphs": len(reports),
             "crossing_bytes_per_token": sum(r.crossing_bytes for r in reports),
             "npu_matmul_flop_share": npu / flops if flops else 0.0, "split_seconds": round(seconds, 2)}
 
