@@ -281,3 +281,24 @@ def test_w8a8_build_runs_in_the_simulator_and_falls_back_to_fp16_per_segment(tmp
     for _, s in m.segments():
         if s["backend"] == "npu":
             assert s["precision"] == "fp16" and "rel_l2" in s["precision_reason"] and "calib" not in s
+
+
+def test_text_ids_without_a_tokenizer_fall_back_to_fixed_ids(model_factory, tmp_path, capsys):
+    """A GPT-NeoX-vocab model split without tokenizer.json (the usual RWKV-4 Pile conversion) still builds:
+    the built-in text cannot be read, so verification uses a fixed spread of ids and says so; a user's own
+    --calib text without a tokenizer is a one-line error."""
+    from rwkv2rknn.build.inputs import MIN_CHECK_TOKENS, calib_tokens
+    from rwkv2rknn.errors import UserError
+    from rwkv2rknn.split import split_model
+
+    data, _ = split_model([model_factory(layers=1, embd=64, vocab=50277)], tmp_path / "out", prefill_chunk=0,
+                          progress=False)
+    assert data["model"]["tokenizer"] == "neox"
+    m = Manifest.load(tmp_path / "out" / "manifest.json")
+    ids = calib_tokens(m, None, MIN_CHECK_TOKENS)
+    assert len(ids) >= MIN_CHECK_TOKENS and all(0 <= i < 50277 for i in ids)
+    assert "fixed spread of token ids" in capsys.readouterr().err
+    text = tmp_path / "calib.txt"
+    text.write_text("some words")
+    with pytest.raises(UserError, match="tokenizer"):
+        calib_tokens(m, str(text), MIN_CHECK_TOKENS)

@@ -79,17 +79,21 @@ def calib_tokens(manifest: Manifest, calib: str | None, minimum: int = 1) -> lis
     hint = model.get("tokenizer")
     if hint is None and vocab == 256:
         hint = "bytes"
+    ids = None
     if hint is not None:
         from rwkv2rknn.run.tokenizers import load_tokenizer
 
         try:
             ids = load_tokenizer(hint, manifest.root, vocab).encode(text)
         except UserError as exc:
-            raise UserError(f"{exc} (calibration text); or pass --calib FILE of token ids") from None
+            if calib is not None:  # the user's own text: say what is missing
+                raise UserError(f"{exc} (calibration text); or pass --calib FILE of token ids") from None
+            say(f"note: no tokenizer to read the built-in text with ({exc}); verifying and calibrating on a "
+                "fixed spread of token ids instead (pass --calib FILE of token ids for real text)")
     elif calib is not None:
         raise UserError(f"--calib {calib}: {manifest.path} names no tokenizer to read text with; "
                         "give a file of whitespace-separated token ids")
-    else:  # no tokenizer at hand: a fixed spread of ids over the vocabulary
+    if ids is None:  # no tokenizer at hand: a fixed spread of ids over the vocabulary
         ids = [(i * 7919 + 13) % vocab for i in range(32)]
     return _fit([i % vocab for i in ids], minimum)
 
