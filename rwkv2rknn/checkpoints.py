@@ -379,6 +379,29 @@ def save_bin(weights: Weights, path: str | os.PathLike, dtype: str = "float32") 
 
 # -- random -------------------------------------------------------------------------------------------
 
+def random_normal(rng: np.random.Generator, shape, std: float, mean: float = 0.0) -> np.ndarray:
+    """float32 normal samples, drawn in float32 so large random models stay within memory."""
+    a = rng.standard_normal(shape, dtype=np.float32)
+    a *= np.float32(std)
+    if mean:
+        a += np.float32(mean)
+    return a
+
+
+def random_ln(rng: np.random.Generator, prefix: str, C: int) -> dict[str, np.ndarray]:
+    """Non-trivial LayerNorm gamma/beta: 1 + N(0, 0.1) and N(0, 0.1)."""
+    return {f"{prefix}.weight": 1 + random_normal(rng, C, 0.1), f"{prefix}.bias": random_normal(rng, C, 0.1)}
+
+
+def random_ends(part: str, seed: int, V: int, C: int) -> dict[str, np.ndarray]:
+    """The embedding and head parts every family shares (same seeds, so the same draws)."""
+    if part == "embed":
+        rng = np.random.default_rng([seed, 1])
+        return {"emb.weight": random_normal(rng, (V, C), 1.0), **random_ln(rng, "ln0", C)}
+    rng = np.random.default_rng([seed, 3])
+    return {**random_ln(rng, "ln_out", C), "head.weight": random_normal(rng, (V, C), C ** -0.5)}
+
+
 def random_weights(layers: int, embd: int, vocab: int, ffn: int | None = None, seed: int = 0) -> Weights:
     """Random RWKV-4 weights at realistic scales, generated per part from a per-part seed.
 
@@ -389,22 +412,14 @@ def random_weights(layers: int, embd: int, vocab: int, ffn: int | None = None, s
         raise UserError("random model sizes must be positive integers; fix --layers/--embd/--vocab/--ffn")
     C, V, F = embd, vocab, ffn or 4 * embd
 
-    def normal(rng, shape, std):
-        a = rng.standard_normal(shape, dtype=np.float32)
-        a *= np.float32(std)
-        return a
+    normal = random_normal
 
     def ln(rng, prefix):
-        return {f"{prefix}.weight": (1 + normal(rng, C, 0.1)),
-                f"{prefix}.bias": normal(rng, C, 0.1)}
+        return random_ln(rng, prefix, C)
 
     def fetch(part: Part) -> dict[str, np.ndarray]:
-        if part == "embed":
-            rng = np.random.default_rng([seed, 1])
-            return {"emb.weight": normal(rng, (V, C), 1.0), **ln(rng, "ln0")}
-        if part == "head":
-            rng = np.random.default_rng([seed, 3])
-            return {**ln(rng, "ln_out"), "head.weight": normal(rng, (V, C), C ** -0.5)}
+        if part in ("embed", "head"):
+            return random_ends(part, seed, V, C)
         rng = np.random.default_rng([seed, 2, part])
 
         def u(lo, hi):

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
-from rwkv2rknn.checkpoints import PartedWeights, _check_file, _import_torch
+from rwkv2rknn.checkpoints import PartedWeights, _check_file, _import_torch, random_ends, random_ln, random_normal
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.export import DTYPES, WEIGHTS_AS, _GraphBuilder, write_graphs
+from rwkv2rknn.export import DTYPES, WEIGHTS_AS, _GraphBuilder, build_embed, build_head, write_graphs
 from rwkv2rknn.fsio import atomic_path
 
 LN_EPS = 1e-5  # LayerNorm (ln0, ln1, ln2, ln_out)
@@ -257,23 +256,14 @@ def random_weights7(layers: int, embd: int, vocab: int, seed: int = 0, head_size
     dims = {"L": layers, "C": C, "V": V, "F": F, "H": C // head_size, "N": head_size, **lora_ranks(C)}
     Dw, Da, Dv, Dg = dims["Dw"], dims["Da"], dims["Dv"], dims["Dg"]
 
-    def normal(rng, shape, std, mean=0.0):
-        a = rng.standard_normal(shape, dtype=np.float32)
-        a *= np.float32(std)
-        if mean:
-            a += np.float32(mean)
-        return a
+    normal = random_normal
 
     def ln(rng, prefix):
-        return {f"{prefix}.weight": 1 + normal(rng, C, 0.1), f"{prefix}.bias": normal(rng, C, 0.1)}
+        return random_ln(rng, prefix, C)
 
     def fetch(part: Part) -> dict[str, np.ndarray]:
-        if part == "embed":
-            rng = np.random.default_rng([seed, 1])
-            return {"emb.weight": normal(rng, (V, C), 1.0), **ln(rng, "ln0")}
-        if part == "head":
-            rng = np.random.default_rng([seed, 3])
-            return {**ln(rng, "ln_out"), "head.weight": normal(rng, (V, C), C ** -0.5)}
+        if part in ("embed", "head"):
+            return random_ends(part, seed, V, C)
         rng = np.random.default_rng([seed, 2, part])
 
         def u(lo, hi, n=C):
@@ -424,26 +414,15 @@ def _check_options(dtype: str, weights_as: str) -> None:
 
 
 def build_embed7(part: dict[str, np.ndarray], dtype: str = "float16", weights_as: str = "constants") -> onnx.ModelProto:
-    """`token` int32 [1] -> LN0(emb[token]) -> `output` [C]."""
+    """`token` int32 [1] -> LN0(emb[token]) -> `output` [C]: the same graph as RWKV-4's."""
     _check_options(dtype, weights_as)
-    b = _GraphBuilder(dtype, weights_as)
-    C = part["emb.weight"].shape[1]
-    consts = b.ln_constants()
-    row = b.op("Gather", [b.weight("emb.weight", part["emb.weight"]), "token"], "emb_row", axis=0)
-    ln = b.layer_norm(row, "ln0", part["ln0.weight"], part["ln0.bias"], consts)
-    b.op("Reshape", [ln, b.index("flat_shape", [-1])], "output")
-    return b.model("embed", [b.value("token", [1], TensorProto.INT32)], [b.value("output", [C])])
+    return build_embed(part, dtype, weights_as)
 
 
 def build_head7(part: dict[str, np.ndarray], dtype: str = "float16", weights_as: str = "constants") -> onnx.ModelProto:
-    """`x` [C] -> head(LN_out(x)) -> `output` [V]."""
+    """`x` [C] -> head(LN_out(x)) -> `output` [V]: the same graph as RWKV-4's."""
     _check_options(dtype, weights_as)
-    b = _GraphBuilder(dtype, weights_as)
-    V, C = part["head.weight"].shape
-    consts = b.ln_constants()
-    ln = b.layer_norm("x", "ln_out", part["ln_out.weight"], part["ln_out.bias"], consts)
-    b.op("MatMul", [b.weight("head.weight", part["head.weight"]), ln], "output")
-    return b.model("head", [b.value("x", [C])], [b.value("output", [V])])
+    return build_head(part, dtype, weights_as)
 
 
 def build_mixing7(part: dict[str, np.ndarray], index: int = 0, dtype: str = "float16",
