@@ -287,6 +287,12 @@ def _reduce(em, node, ins, outs, out_shapes):
             _clone(em, node, _tensors(ins), outs)
             return
         axes = list(range(rank))
+    _clone_shifted_axes(em, node, ins, outs, attrs, axes, form, rank)
+
+
+def _clone_shifted_axes(em, node, ins, outs, attrs, axes, form, rank):
+    """Clone an axes-taking node with every axis moved one place right (the token axis comes first),
+    the axes given the way the source gave them (attribute or constant input)."""
     axes = [_norm_axis(a, rank, node) + 1 for a in axes]
     new = [ins[0].tensor]
     if form == "attr":
@@ -311,14 +317,7 @@ def _squeeze(em, node, ins, outs, out_shapes):
             raise ValueError(f"node {node.name!r} (Unsqueeze) has no axes")
         axes = [i for i, d in enumerate(ins[0].shape) if d == 1]
         form = "input" if em.opset >= 13 else "attr"
-    axes = [_norm_axis(a, rank, node) + 1 for a in axes]
-    new = [ins[0].tensor]
-    if form == "attr":
-        attrs["axes"] = axes
-    else:
-        attrs.pop("axes", None)
-        new.append(em.const(f"{node.name}__axes", axes))
-    _clone(em, node, new, outs, attrs)
+    _clone_shifted_axes(em, node, ins, outs, attrs, axes, form, rank)
 
 
 def _to_shape(em, node, ins, outs, out_shapes):
