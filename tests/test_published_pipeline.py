@@ -7,6 +7,7 @@ converter's Cast-wrapped Max, int32 token Gather). `rwkv2rknn split` must accept
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,31 @@ def test_published_graphs_build_and_run_in_the_simulator(published, tmp_path):
     with Chain(manifest, runner_factory(manifest, "rknn-sim")) as chain:
         got = np.stack([chain.step(t).copy() for t in TOKENS[:8]])
     assert min(cosine(g, r) for g, r in zip(got, ref)) >= 0.999
+
+
+@pytest.mark.rknn
+@pytest.mark.slow
+def test_trained_model_from_published_pipeline_builds_clean(tmp_path):
+    """The trained fixture exported the published way (torch -> onnxsim -> fp16 converter), then the CLI as a
+    user types it: a healthy trained model builds with no warning, every NPU segment within rel_l2 1e-2 and
+    the whole model within logits cosine 0.999 of onnxruntime fp32 (about 90 s)."""
+    pytest.importorskip("rknn.api")
+    from conftest import TRAINED_PTH, run_cli
+
+    from rwkv2rknn.checkpoints import load_checkpoint
+
+    model = make_published_model(load_checkpoint(TRAINED_PTH), tmp_path / "model", weights_as="tensors")
+    out = tmp_path / "out"
+    split = run_cli("split", model, "-o", out)
+    assert split.returncode == 0, split.stderr[-3000:]
+    build = run_cli("build", out)
+    assert build.returncode == 0, build.stderr[-3000:]
+    printed = build.stdout + build.stderr
+    assert "warning" not in printed.lower(), printed[-3000:]
+    manifest = Manifest.load(out / "manifest.json")
+    npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
+    assert npu and all(s["verify"]["rel_l2"] <= 1e-2 for s in npu), [(s["id"], s["verify"]) for s in npu]
+    check = json.loads((out / "manifest.json").read_text())["build"]["verify_model"]
+    print(f"\npublished-pipeline trained model: {len(npu)} NPU segments, worst rel_l2 "
+          f"{max(s['verify']['rel_l2'] for s in npu):.2e}; whole model {check}")
+    assert check["tokens"] >= 16 and check["logits_cosine_min"] >= 0.999 and check["argmax_agree"] == 1.0
