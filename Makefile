@@ -46,7 +46,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile constraints.txt
 
 # The default run (CI's): everything but the tests marked slow (big shapes, long runs, extra builds).
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-all: setup
 	$(BIN)/python -m pytest -q
