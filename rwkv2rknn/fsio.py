@@ -171,8 +171,14 @@ def staged_directory(final: str | os.PathLike, force: bool = False, what: str = 
         if p.exists() and not p.is_dir():
             raise UserError(f"{p}: is a file, not a directory; choose another -o")
     made = [p for p in reversed(final.parents) if not p.exists()]  # parents this run creates
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise UserError(f"{final}: cannot create the {what} here ({exc.strerror or exc}); choose another -o") from None
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; an output directory is an ordinary one
     done = False
     try:

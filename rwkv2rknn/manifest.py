@@ -228,8 +228,11 @@ class Manifest:
             data = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: not a valid manifest ({exc}); rerun `rwkv2rknn split`") from None
-        if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
+        if not isinstance(data, dict) or "format_version" not in data:
             raise UserError(f"{path}: not an rwkv2rknn manifest (no format_version); rerun `rwkv2rknn split`")
+        if not isinstance(data["format_version"], int) or isinstance(data["format_version"], bool):
+            raise UserError(f"{path}: format_version {data['format_version']!r} is not an integer; "
+                            "rerun `rwkv2rknn split`")
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(
                 f"{path}: manifest format {data['format_version']} is newer than this rwkv2rknn "

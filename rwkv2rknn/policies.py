@@ -48,4 +48,4 @@ register(Policy("cpu", "no NPU at all (the baseline every plan must beat)", "cpu
 register(Policy("deep", "legalized layers, several per NPU call (--layers-per-call); the state update fp32 on the "
                 "CPU between calls (--state-update)", "deep", npu_all=True, groups_layers=True))
 register(Policy("auto", "per graph, the plan with the lowest predicted time on the --board among cpu, matmul, "
-                "fused and layer", None))
+                "fused and layer; for a whole model, that plan or deep's, whichever predicts faster", None))

@@ -15,6 +15,7 @@ from passes.state_rule import recurrent_rows
 from rwkv2rknn.deep import Unit, tensor_ref
 
 DEFAULT_CHUNK = 16
+MAX_PREFILL_CHUNK = 256  # tokens per prefill call: the batched graph unrolls the recurrence once per token
 PREFIX = "prefill."
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 from rwkv2rknn.cost.estimate import CATEGORIES, Estimate
+from rwkv2rknn.cost.estimate import verdict as versus_cpu
 
 CATEGORY_COLORS = {"npu_stream": "#2e7d32", "npu_compute": "#66bb6a", "npu_call": "#f9a825",
                    "conversion": "#ef6c00", "hops": "#c62828", "cpu_compute": "#1565c0", "cpu_call": "#90caf9"}
@@ -61,7 +62,9 @@ def cost_section(data: dict, est: Estimate, cpu: Estimate, profile_name: str, pr
     if est.prefill is not None:
         rows.insert(1, ("prefill plan", est.prefill.breakdown, est.prefill_ms_per_token, " per prompt token"))
     out.append(stacked_bars(rows))
-    verdict = "beats" if est.decode_ms_per_token <= cpu.decode_ms_per_token else "<b class='warn'>loses to</b>"
+    verdict = versus_cpu(est.decode_ms_per_token, cpu.decode_ms_per_token)
+    if verdict == "LOSES to":
+        verdict = "<b class='warn'>loses to</b>"
     out.append(f"<p>Predicted decode {est.decode_ms_per_token:.2f} ms/token: the plan {verdict} the CPU-only plan "
                f"({cpu.decode_ms_per_token:.2f} ms/token).</p>")
     out.append("<h2>per graph (predicted ms per token)</h2>")

@@ -26,7 +26,7 @@ from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
 from rwkv2rknn.model_loop import model_loop
 from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
-from rwkv2rknn.prefill import DEFAULT_CHUNK, prefill_loop, prefill_units
+from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
 
 
@@ -287,6 +287,9 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     if layers_per_call is not None and not grouped:
         merging = ", ".join(p.name for p in policies.concrete() if p.groups_layers)
         raise UserError(f"--layers-per-call goes with a policy that merges layers ({merging})")
+    if state_update != "cpu" and policy != "auto" and policies.get(policy).segmenter != "deep":
+        raise UserError(f"--state-update {state_update} goes with --policy deep (--policy {policy} keeps the "
+                        "recurrent state fp32 on the CPU)")
     shapes = shapes or {}
     profile = load_profile(board)
     sources, model = load_sources(paths)
@@ -296,8 +299,9 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         raise UserError(f"--policy {policy} merges the layers of a whole model: give a model directory "
                         "(embed.onnx, mixing_*.onnx, head.onnx), not single files")
     work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
-    if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1):
-        raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or at least 2 tokens per call")
+    if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1 or prefill_chunk > MAX_PREFILL_CHUNK):
+        raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or 2 to {MAX_PREFILL_CHUNK} "
+                        "tokens per call (the prefill graph unrolls the recurrence once per token)")
     # deep with the state in the NPU model: its prefill scan (M steps unrolled in fp16 on the NPU) took over
     # 600 s to compile in the measurements of docs/wkv-precision.md; no prefill plan unless asked for
     default_chunk = 0 if grouped and state_update == "npu" else DEFAULT_CHUNK

@@ -159,6 +159,35 @@ def _split_target(res, d):
     return ["split", str(res["model"]), "-o", "out", "--target", "rk9999"], "--target"
 
 
+def _report_board(res, d):
+    _copy_split(res, d)
+    return ["report", "out", "--board", "rk9999"], "--board rk9999"
+
+
+def _prefill_chunk_too_big(res, d):
+    return ["split", str(res["model"]), "-o", "out", "--prefill-chunk", "100000"], "--prefill-chunk"
+
+
+def _state_update_without_deep(res, d):
+    return ["split", str(res["model"]), "-o", "out", "--state-update", "npu"], "--policy deep"
+
+
+def _w8a8_bound_negative(res, d):
+    _copy_split(res, d)
+    return ["build", "out", "--precision", "w8a8", "--w8a8-max-rel-l2", "-1"], "--w8a8-max-rel-l2"
+
+
+def _run_version_string(res, d):
+    out = _copy_split(res, d)
+    _edit_manifest(out, lambda m: m.update(format_version=str(m["format_version"])))
+    return ["-m", "rwkv2rknn.run", "out", "--tokens", "1"], ["manifest.json", "not an integer"]
+
+
+def _out_not_creatable(res, d):
+    # a directory name longer than any filesystem allows (permissions would not stop root)
+    return ["split", str(res["model"]), "-o", f"{'x' * 300}/out"], ["xxxxxxxx", "File name too long"]
+
+
 def _newer(res, d):
     out = _copy_split(res, d)
     _edit_manifest(out, lambda m: m.update(format_version=99))
@@ -256,6 +285,12 @@ CASES = [
     Case("build-no-manifest", _build_no_manifest),
     Case("build-unknown-target", _build_target),
     Case("split-unknown-target", _split_target),
+    Case("report-unknown-board", _report_board),
+    Case("split-prefill-chunk-too-big", _prefill_chunk_too_big),
+    Case("split-state-update-without-deep", _state_update_without_deep),
+    Case("build-w8a8-bound-negative", _w8a8_bound_negative),
+    Case("run-format-version-string", _run_version_string),
+    Case("split-out-not-creatable", _out_not_creatable),
     Case("run-newer-manifest", _run_newer),
     Case("build-newer-manifest", _build_newer),
     Case("run-missing-segment", _run_missing_segment),

@@ -51,6 +51,9 @@ def run(args) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
+    if args.w8a8_max_rel_l2 is not None and not args.w8a8_max_rel_l2 > 0:
+        raise UserError(f"--w8a8-max-rel-l2 {args.w8a8_max_rel_l2}: give a positive bound (e.g. 0.05; inf keeps "
+                        "every segment w8a8)")
     report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
                             jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
                             progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2)

@@ -77,6 +77,8 @@ def run(args) -> int:
 
 def summary(est, cpu, manifest, computed: int) -> dict:
     """The JSON object: the prediction, per graph and per segment, and the CPU-only comparison."""
+    from rwkv2rknn.cost.estimate import verdict
+
     d = est.to_dict()
     graphs = d["decode"]["graphs"]
     ratio = cpu.decode_ms_per_token / est.decode_ms_per_token if est.decode_ms_per_token else float("inf")
@@ -94,7 +96,7 @@ def summary(est, cpu, manifest, computed: int) -> dict:
                      "cpu_calls_per_token": cpu.cpu_calls_per_token, "breakdown": cpu.breakdown,
                      "plan": "every graph one onnxruntime session on the CPU (the same features)"},
         "speedup_vs_cpu_only": ratio,
-        "loses_to_cpu_only": est.decode_ms_per_token > cpu.decode_ms_per_token,
+        "loses_to_cpu_only": verdict(est.decode_ms_per_token, cpu.decode_ms_per_token) == "LOSES to",
         "features_from_onnx": computed,
     }
 
@@ -102,7 +104,7 @@ def summary(est, cpu, manifest, computed: int) -> dict:
 def print_tables(est, cpu, result: dict, profile, show_segments: bool) -> None:
     from rich.table import Table
 
-    from rwkv2rknn.cost.estimate import CATEGORIES, core_mask_name
+    from rwkv2rknn.cost.estimate import CATEGORIES, core_mask_name, verdict
 
     console = make_console()
     tag = f"predicted (board profile {profile.name}, not measured)"
@@ -147,6 +149,9 @@ def print_tables(est, cpu, result: dict, profile, show_segments: bool) -> None:
         console.print(f"[bold red]The prediction says this plan LOSES to the CPU-only plan[/bold red]: "
                       f"{est.decode_ms_per_token:.1f} vs {cpu.decode_ms_per_token:.1f} ms/token "
                       f"({1 / ratio:.2f}x slower) on board profile {profile.name}.", soft_wrap=True)
+    elif verdict(est.decode_ms_per_token, cpu.decode_ms_per_token) == "ties with":
+        console.print(f"The prediction says this plan ties with the CPU-only plan: {est.decode_ms_per_token:.1f} "
+                      f"ms/token on board profile {profile.name}.", soft_wrap=True)
     else:
         console.print(f"The prediction says this plan beats the CPU-only plan: {est.decode_ms_per_token:.1f} vs "
                       f"{cpu.decode_ms_per_token:.1f} ms/token ({ratio:.2f}x faster) on board profile "

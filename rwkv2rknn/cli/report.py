@@ -32,6 +32,10 @@ def run(args) -> int:
         from rwkv2rknn.errors import UserError
 
         raise UserError(f"{target}: is a directory; give -o a file name, e.g. -o {target / 'report.html'}")
+    if args.board is not None:  # a wrong profile is the user's error here too, not a note inside the page
+        from rwkv2rknn.cost.profile import load_profile
+
+        load_profile(args.board)
     path = write_report(args.out, target, args.board)
     print(f"wrote {path}")
     return 0

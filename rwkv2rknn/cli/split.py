@@ -39,7 +39,8 @@ def register(sub) -> None:
                    "1,000 tokens on a stress model: docs/wkv-precision.md; no prefill plan by default)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="M",
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
-                   "default 16; 0: no prefill plan). The NPU is 10-50x faster per token at M >= 16 than at M = 1")
+                   "default 16; 0: no prefill plan; at most 256). The NPU is 10-50x faster per token at M >= 16 "
+                   "than at M = 1")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
@@ -116,14 +117,15 @@ def print_summary(console, reports, auto: bool = False, title: str = "split summ
 
 def print_prediction(console, data: dict, board: str) -> None:
     """One line: predicted decode and prefill ms/token on the board, against the CPU-only plan."""
-    from rwkv2rknn.cost.estimate import estimate
+    from rwkv2rknn.cost.estimate import estimate, verdict
     from rwkv2rknn.cost.profile import load_profile
 
     profile = load_profile(board)
     est = estimate(data, profile)
     cpu = estimate(data, profile, all_cpu=True)
-    verdict = "beats" if est.decode_ms_per_token <= cpu.decode_ms_per_token else "LOSES to"
+    calls = est.npu_calls_per_token
+    versus = verdict(est.decode_ms_per_token, cpu.decode_ms_per_token)
     console.print(f"PREDICTED on board profile {profile.name} (not measured): decode {est.decode_ms_per_token:.1f} "
-                  f"ms/token with {est.npu_calls_per_token:g} NPU calls, prefill {est.prefill_ms_per_token:.1f} "
-                  f"ms/token; the plan {verdict} the CPU-only plan ({cpu.decode_ms_per_token:.1f} ms/token). "
+                  f"ms/token with {calls:g} NPU call{'' if calls == 1 else 's'}, prefill {est.prefill_ms_per_token:.1f} "
+                  f"ms/token; the plan {versus} the CPU-only plan ({cpu.decode_ms_per_token:.1f} ms/token). "
                   "Details: rwkv2rknn estimate", soft_wrap=True)

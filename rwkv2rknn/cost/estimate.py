@@ -338,3 +338,10 @@ def core_mask_name(mask: int | None) -> str:
 __all__ = ["CATEGORIES", "LABEL", "Estimate", "GraphEstimate", "PlanEstimate", "SegmentEstimate", "core_mask_name",
            "SegmentPrice", "estimate", "price_segment",
            "with_features"]
+
+
+def verdict(plan_ms: float, cpu_ms: float) -> str:
+    """How a plan's predicted decode time compares with the CPU-only plan's: beats, ties with, LOSES to."""
+    if abs(plan_ms - cpu_ms) <= 0.005 * cpu_ms:
+        return "ties with"
+    return "beats" if plan_ms < cpu_ms else "LOSES to"

@@ -151,7 +151,8 @@ def _resolve(name_or_path: str | os.PathLike, relative_to: Path | None = None) -
         raise UserError(f"{path}: is not a file; give a board profile .toml file or one of "
                         f"{', '.join(shipped_profiles())}")
     raise UserError(f"--board {text}: no such profile or file; choose one of {', '.join(shipped_profiles())} "
-                    "or give the path of a profile .toml (e.g. one written by rwkv2rknn calibrate)")
+                    "or give the path of a profile .toml (e.g. one written on a board by "
+                    "python -m rwkv2rknn.run OUT --backend rknn-lite --calibrate FILE.toml)")
 
 
 def _read(path: Path) -> dict:
