@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import resource
@@ -197,8 +198,14 @@ def _print_bench(result: dict, segs: dict) -> None:
     print(f"{'segment':<24} {'ms/call':>9} {'share':>7}")
     for sid, v in segs.items():
         print(f"{sid:<24} {v['ms']:>9.4f} {100 * v['ms'] / total:>6.1f}%")
-    print(f"{'sum of segments':<24} {total:>9.4f}  (overhead outside segments: "
-          f"{result['decode_ms_per_token'] - total:.3f} ms/token)")
+    overhead = result["decode_ms_per_token"] - total
+    if not result["decode_tokens"]:
+        note = "no decode steps timed, so no overhead figure"
+    elif overhead < 0:  # the segment times come from a separate, timed pass: noise can exceed the overhead
+        note = f"overhead outside segments within timing noise ({overhead:+.3f} ms/token)"
+    else:
+        note = f"overhead outside segments: {overhead:.3f} ms/token"
+    print(f"{'sum of segments':<24} {total:>9.4f}  ({note})")
 
 
 def run_check(chain, manifest, args) -> int:
@@ -296,6 +303,11 @@ def _run(args) -> int:
         from rwkv2rknn.run.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, manifest.root, vocab)
+    elif tokens is not None and args.max_tokens and not args.bench:  # print text if the model's tokenizer is here
+        from rwkv2rknn.run.tokenizers import load_tokenizer
+
+        with contextlib.suppress(UserError):
+            tokenizer = load_tokenizer(model.get("tokenizer"), manifest.root, vocab)
     if not (args.prompt is not None or tokens or args.chat or args.bench):
         raise UserError("nothing to do: give --prompt TEXT, --tokens IDS, --chat or --bench")
     rng = np.random.default_rng(args.seed)
@@ -318,6 +330,9 @@ def _run(args) -> int:
         if args.dump_logits:
             _save_logits(args.dump_logits, logits)
         n = args.max_tokens if args.max_tokens is not None else (0 if args.tokens else 100)
+        if not n and not args.dump_logits:
+            print(f"fed {len(tokens)} token(s); next token by argmax: {int(np.argmax(logits))} "
+                  "(--max-tokens N generates, --dump-logits FILE saves the logits)", file=sys.stderr)
         if n:
             logits, _ = generate(chain, logits, n, tokenizer, args, rng)
             if tokenizer is not None:
