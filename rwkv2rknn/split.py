@@ -328,8 +328,11 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
                                                 state_update, pre_of.get(unit.name), chunk)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
-                pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                   state_update)
+                head_pre = _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+                                       state_update)
+                for _, r in head_pre:
+                    r.predicted_ms /= chunk  # one call per chunk of prompt tokens
+                pre += head_pre
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own
