@@ -77,7 +77,8 @@ def print_summary(console, report, args) -> None:
     if report.precision != "fp16" and mixed:
         fell = mixed.get("fp16", 0)
         console.print("precision per segment: " + ", ".join(f"{n} {p}" for p, n in sorted(mixed.items()))
-                      + (f" ({fell} lost too much as {report.precision} in the simulator and were built fp16; see "
+                      + (f" ({fell} lost too much as {report.precision} in the simulator and "
+                         f"{'was' if fell == 1 else 'were'} built fp16; see "
                          "precision_reason in the manifest, or --w8a8-max-rel-l2)" if fell else ""), soft_wrap=True)
     for r in report.results:
         if r.status == "fallback":
@@ -94,6 +95,8 @@ def print_summary(console, report, args) -> None:
     if args.no_verify:
         console.print("[yellow]warning[/yellow] --no-verify: the compiled segments were not checked")
     manifest = args.out if args.out.endswith(".json") else os.path.join(args.out, MANIFEST_NAME)
-    console.print(f"compiled {report.compiles} segment(s) in {report.wall:.1f} s wall; "
+    n = report.compiles
+    console.print(f"{n} compile{'' if n == 1 else 's'} (segments, their bisected halves and the board-calibration "
+                  f"probes) in {report.wall:.1f} s wall; "
                   f"run: python -m rwkv2rknn.run {manifest}",
                   soft_wrap=True)  # never break the command to copy across lines
