@@ -302,3 +302,14 @@ def test_text_ids_without_a_tokenizer_fall_back_to_fixed_ids(model_factory, tmp_
     text.write_text("some words")
     with pytest.raises(UserError, match="tokenizer"):
         calib_tokens(m, str(text), MIN_CHECK_TOKENS)
+
+
+def test_w8a8_keep_fp16_patterns_pick_segments_by_id():
+    from rwkv2rknn.build.jobs import build_key, segment_precision
+
+    assert segment_precision("head.s0", "w8a8", ("head.*",)) == ("fp16", "kept fp16 by --w8a8-keep-fp16 head.*")
+    assert segment_precision("mixing_0.s1", "w8a8", ("head.*",)) == ("w8a8", None)
+    assert segment_precision("head.s0", "fp16", ("head.*",)) == ("fp16", None)  # only w8a8 builds change
+    assert segment_precision("mixing_10.s1", "w8a8", ("mixing_1.*",)) == ("w8a8", None)
+    # the cache key follows the precision a segment is built at
+    assert build_key("x", "2.5.0", "rk3588", "fp16", "c", 0.05) != build_key("x", "2.5.0", "rk3588", "w8a8", "c", 0.05)

@@ -23,7 +23,7 @@ from rwkv2rknn.build.inputs import (
     say,
     trace,
 )
-from rwkv2rknn.build.jobs import BUILD_KEYS, Builder, SegmentResult, Task, build_key
+from rwkv2rknn.build.jobs import BUILD_KEYS, KEPT_FP16, Builder, SegmentResult, Task, build_key, segment_precision
 from rwkv2rknn.compile_worker import PRECISIONS, toolkit_version
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file
@@ -68,6 +68,11 @@ class BuildReport:
         rows = [(r.id, r.verify) for r in self.results
                 if r.verify and r.status in ("built", "cached") and "rel_l2" in r.verify]
         return max(rows, key=lambda x: x[1]["rel_l2"]) if rows else None
+
+    @property
+    def kept_fp16(self) -> int:
+        """Segments a w8a8 build kept fp16 because the user asked (--w8a8-keep-fp16)."""
+        return sum(1 for r in self.results if r.status in ("built", "cached") and (r.reason or "").startswith(KEPT_FP16))
 
     @property
     def precisions(self) -> dict[str, int]:
@@ -182,12 +187,14 @@ def _check_inputs(path: Path, m: Manifest) -> None:
 def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", precision: str = "fp16",
                    calib: str | None = None, jobs: int | None = None, verify: bool = True,
                    timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
-                   verify_model: bool = True, max_rel_l2: float | None = None, probes: bool = True) -> BuildReport:
+                   verify_model: bool = True, max_rel_l2: float | None = None, probes: bool = True,
+                   keep_fp16: tuple[str, ...] = ()) -> BuildReport:
     """Compile every NPU segment of OUT/manifest.json into OUT/rknn/<id>.rknn and record it in the manifest.
 
     Each built segment is verified in the simulator on real activations; a whole model is then run
     on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`). With w8a8, a
-    segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16.
+    segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16, and
+    so is every segment whose id matches a `keep_fp16` pattern (fnmatch, e.g. "head.*").
     `probes`: for a whole model, also build the small models `python -m rwkv2rknn.run --calibrate` times on
     the board (rknn/probe.*.rknn, listed in build.probes).
     """
@@ -224,7 +231,8 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
             max_rel_l2 = WARN_REL_L2.get(precision)
         todo: list[tuple[dict, dict]] = []
         for g, seg in m.segments():
-            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, precision, calib_sha, max_rel_l2)
+            seg_precision, _ = segment_precision(seg["id"], precision, keep_fp16)
+            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, seg_precision, calib_sha, max_rel_l2)
             if seg["backend"] == "cpu":
                 if "fallback_reason" not in seg:
                     continue
@@ -233,7 +241,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
                     continue
                 seg["backend"] = "npu"  # something changed since it fell back: try again
             if _is_current(m, seg, key, verify):
-                report.results.append(SegmentResult(seg["id"], "cached", seg.get("verify"),
+                report.results.append(SegmentResult(seg["id"], "cached", seg.get("verify"), seg.get("precision_reason"),
                                                     precision=seg.get("precision")))
                 continue
             for k in BUILD_KEYS:
@@ -258,7 +266,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         if todo:
             tasks = _tasks(m, todo, verify, calib_ids, text_ids)
             builder = Builder(saved, m, target, precision, toolkit, calib_sha, verify, timeout,
-                              jobs or os.cpu_count() or 1, progress, report.results, max_rel_l2)
+                              jobs or os.cpu_count() or 1, progress, report.results, max_rel_l2, keep_fp16)
             try:
                 builder.run(tasks)
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -38,12 +39,25 @@ def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sh
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+KEPT_FP16 = "kept fp16 by --w8a8-keep-fp16"
+
+
+def segment_precision(sid: str, precision: str, keep_fp16: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(the precision segment `sid` is built at, the reason when it differs from the build's): a w8a8 build
+    keeps the segments matching a `--w8a8-keep-fp16` pattern (fnmatch on the id) in fp16."""
+    if precision == "w8a8":
+        for pattern in keep_fp16:
+            if fnmatch.fnmatchcase(sid, pattern):
+                return "fp16", f"{KEPT_FP16} {pattern}"
+    return precision, None
+
+
 @dataclass
 class SegmentResult:
     id: str
     status: str  # "built" | "cached" | "fallback" | "bisected"
     verify: dict | None = None
-    reason: str | None = None
+    reason: str | None = None  # why it fell back, or why it was built at another precision
     seconds: float = 0.0
     precision: str | None = None
 
@@ -85,8 +99,9 @@ class Builder:
 
     def __init__(self, save, manifest: Manifest, target: str, precision: str, toolkit: str, calib_sha: str | None,
                  verify: bool, timeout: float, jobs: int, progress: bool, results: list,
-                 max_rel_l2: float | None = None):
+                 max_rel_l2: float | None = None, keep_fp16: tuple[str, ...] = ()):
         self.save = save
+        self.keep_fp16 = tuple(keep_fp16)
         self.m = manifest
         self.target, self.precision, self.toolkit = target, precision, toolkit
         self.calib_sha, self.verify, self.timeout, self.jobs = calib_sha, verify, timeout, jobs
@@ -101,8 +116,9 @@ class Builder:
         self.serial = 0
 
     def key(self, entry: dict) -> str:
+        precision, _ = segment_precision(entry["id"], self.precision, self.keep_fp16)
         return build_key(sha256_file(self.m.resolve(entry["onnx"])), self.toolkit, self.target,
-                         self.precision, self.calib_sha, self.max_rel_l2)
+                         precision, self.calib_sha, self.max_rel_l2)
 
     # child processes --------------------------------------------------------------------------
     def _spawn_env(self) -> dict:
@@ -122,8 +138,9 @@ class Builder:
         t0 = time.perf_counter()
         tag = f"{sid}.{serial}"
         tmp_rknn = self.rknn_dir / f".{sid}.{os.getpid()}.{serial}.rknn.tmp"
+        precision, forced = segment_precision(sid, self.precision, self.keep_fp16)
         job = {"id": sid, "onnx": str(self.m.resolve(entry["onnx"]).resolve()), "target": self.target,
-               "precision": self.precision, "rknn_out": str(tmp_rknn), "result": str(self.work / f"{tag}.result.json"),
+               "precision": precision, "rknn_out": str(tmp_rknn), "result": str(self.work / f"{tag}.result.json"),
                "parent_pid": os.getpid(), "verbose": True}  # verbose: the compiler's per-op table
         try:
             import onnx
@@ -134,7 +151,7 @@ class Builder:
             if self.verify and task.samples:
                 job["verify_inputs"] = str(self.work / f"{tag}.verify.npz")
                 save_samples(job["verify_inputs"], task.samples)
-            if self.precision == "w8a8":
+            if precision == "w8a8":
                 job["dataset"] = str(write_dataset(self.work / f"{tag}.calib", task.calib, order))
                 job["max_rel_l2"] = self.max_rel_l2
         except Exception as exc:  # noqa: BLE001
@@ -178,7 +195,8 @@ class Builder:
         with contextlib.suppress(OSError):
             log_path.unlink()
         return {"ok": True, "seconds": seconds, "tmp": tmp_rknn, "compiler": table,
-                **{k: result.get(k) for k in ("verify", "precision", "precision_reason")}}
+                **{k: result.get(k) for k in ("verify", "precision", "precision_reason")},
+                **({"precision": precision, "precision_reason": forced} if forced else {})}
 
     def _kill(self, proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -212,7 +230,8 @@ class Builder:
         if v is not None:
             entry["verify"] = {k: (float(x) if isinstance(x, (int, float)) else x) for k, x in v.items()}
         self.save()
-        return SegmentResult(entry["id"], "built", entry.get("verify"), seconds=res["seconds"], precision=precision)
+        return SegmentResult(entry["id"], "built", entry.get("verify"), reason=entry.get("precision_reason"),
+                             seconds=res["seconds"], precision=precision)
 
     def _save_calib(self, sid: str, samples: list[dict]) -> dict:
         path = self.rknn_dir / "calib" / f"{sid}.npz"

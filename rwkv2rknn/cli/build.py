@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--w8a8-max-rel-l2", type=float, default=None, metavar="X",
                    help="with w8a8: a segment whose simulator rel_l2 exceeds X is built fp16 instead "
                    "(default 0.05; inf keeps every segment w8a8)")
+    p.add_argument("--w8a8-keep-fp16", action="append", default=[], metavar="GLOB",
+                   help="with w8a8: build the segments whose id matches GLOB fp16 (repeatable), e.g. 'head.*': "
+                   "int8 logits have a resolution of ~0.08 that turns near-ties into exact ties")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help=f"compiles in parallel (default: CPU count, {os.cpu_count()})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -56,7 +59,8 @@ def run(args) -> int:
                         "every segment w8a8)")
     report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
                             jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
-                            progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2)
+                            progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2,
+                            keep_fp16=tuple(args.w8a8_keep_fp16))
     print_summary(make_console(), report, args)
     return 0
 
@@ -75,11 +79,16 @@ def print_summary(console, report, args) -> None:
     console.print(table)
     mixed = report.precisions
     if report.precision != "fp16" and mixed:
-        fell = mixed.get("fp16", 0)
+        kept = report.kept_fp16
+        fell = mixed.get("fp16", 0) - kept
+        notes = []
+        if fell:
+            notes.append(f"{fell} lost too much as {report.precision} in the simulator and {'was' if fell == 1 else 'were'} "
+                         "built fp16; see precision_reason in the manifest, or --w8a8-max-rel-l2")
+        if kept:
+            notes.append(f"{kept} kept fp16 by --w8a8-keep-fp16")
         console.print("precision per segment: " + ", ".join(f"{n} {p}" for p, n in sorted(mixed.items()))
-                      + (f" ({fell} lost too much as {report.precision} in the simulator and "
-                         f"{'was' if fell == 1 else 'were'} built fp16; see "
-                         "precision_reason in the manifest, or --w8a8-max-rel-l2)" if fell else ""), soft_wrap=True)
+                      + (f" ({'; '.join(notes)})" if notes else ""), soft_wrap=True)
     for r in report.results:
         if r.status == "fallback":
             console.print(f"[yellow]fallback[/yellow] {r.id}: {r.reason}")
