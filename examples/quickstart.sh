@@ -31,7 +31,7 @@ fi
 echo "== 2. split: fp16 folding off, MatMul-heavy regions to the NPU -> $out/split"
 rwkv2rknn split "$out/model" -o "$out/split" --force
 echo "   (this model is tiny, 4 x 128: the prediction above says its NPU plan loses to the CPU on the board, as"
-echo "    it should; the NPU pays off at real sizes: rwkv2rknn estimate on the 430M shape, README 'Measured')"
+echo "    it should; the NPU pays off at real sizes: the 430M predictions in the README's Benchmarks section)"
 
 echo "== 3. build the NPU segments for rk3588 (compiled, then verified in the rknn-toolkit2 simulator)"
 rwkv2rknn build "$out/split" --target rk3588
