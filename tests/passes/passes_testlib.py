@@ -120,6 +120,33 @@ def mixing_feeds(c, seed=1, dtype=np.float32):
     return {"input": rng.standard_normal(c).astype(dtype), "state_in": state.astype(dtype)}
 
 
+def helper_graph(nodes, inputs, outputs, inits=(), opset=16):
+    """A normalized gs graph from onnx.helper nodes; inputs/outputs: [(name, shape)], all float32; float
+    initializers become float32, integer ones keep their dtype."""
+    import onnx_graphsurgeon as gs
+
+    from passes.pipeline import normalize
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
+    vo = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs]
+    init = [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None), k)
+            for k, v in inits]
+    m = helper.make_model(helper.make_graph(nodes, "g", vi, vo, initializer=init),
+                          opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return normalize(gs.import_onnx(m))
+
+
+def export_checked(g) -> onnx.ModelProto:
+    """gs graph -> ONNX model, passing onnx.checker's full check."""
+    import onnx_graphsurgeon as gs
+
+    m = gs.export_onnx(g)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def session(model: onnx.ModelProto, basic=False):
     so = ort.SessionOptions()
     so.log_severity_level = 3

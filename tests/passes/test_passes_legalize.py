@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from passes_testlib import rel_err, run_model, rwkv_mixing_model
+from onnx import helper
+from passes_testlib import export_checked, helper_graph, rel_err, run_model, rwkv_mixing_model
 
 from passes.legalize import legalize
 from passes.legalize_div import legalize_div
@@ -31,31 +31,12 @@ from passes.pipeline import normalize
 ULP1 = 2.0 ** -23
 
 
-def _graph(nodes, inputs, outputs, inits=()):
-    """A normalized gs graph from onnx.helper nodes; inputs/outputs: [(name, shape)], all float32."""
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
-    vo = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs]
-    init = [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None), k)
-            for k, v in inits]
-    m = helper.make_model(helper.make_graph(nodes, "g", vi, vo, initializer=init),
-                          opset_imports=[helper.make_opsetid("", 16)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return normalize(gs.import_onnx(m))
-
-
-def _export(g):
-    m = gs.export_onnx(g)
-    onnx.checker.check_model(m, full_check=True)
-    return m
-
-
 def _run_both(g_before, legalize_fn, feeds):
     """(reference outputs, rewritten outputs, notes, rewritten graph); the source graph is exported first."""
-    ref = run_model(_export(g_before), feeds)
+    ref = run_model(export_checked(g_before), feeds)
     g, notes = legalize_fn(g_before)
     g = g.cleanup().toposort()
-    got = run_model(_export(g), feeds)
+    got = run_model(export_checked(g), feeds)
     return ref, got, notes, g
 
 
@@ -81,7 +62,7 @@ def _wkv_graph(c, via_views=False):
               helper.make_node("Exp", ["da"], ["e1"], name="Exp_a"),
               helper.make_node("Sub", ["b", "m"], ["db"], name="Sub_b"),
               helper.make_node("Exp", ["db"], ["e2"], name="Exp_b")]
-    return _graph(nodes, [("a", [c]), ("b", [c])], [("e1", [c]), ("e2", [c])], inits)
+    return helper_graph(nodes, [("a", [c]), ("b", [c])], [("e1", [c]), ("e2", [c])], inits)
 
 
 def _wkv_feeds(c, seed=0):
@@ -115,7 +96,7 @@ def test_exp_grid_error_bound():
     """Elu(x) + 1 vs Exp(x) over x in [-100, 0]: absolute error <= 1 ulp of 1.0."""
     x = np.concatenate([-np.logspace(-12, 2, 20000), np.linspace(-30, 0, 20001)]).astype(np.float32)
     c = x.size
-    g = _graph([helper.make_node("Max", ["x", "zero"], ["m"], name="Max_0"),
+    g = helper_graph([helper.make_node("Max", ["x", "zero"], ["m"], name="Max_0"),
                 helper.make_node("Sub", ["x", "m"], ["d"], name="Sub_0"),
                 helper.make_node("Exp", ["d"], ["y"], name="Exp_0")],
                [("x", [c])], [("y", [c])], [("zero", np.zeros(c))])
@@ -144,7 +125,7 @@ def test_exp_other_provable_forms():
         helper.make_node("Add", ["nr", "minus3"], ["s"], name="Add_0"),
         helper.make_node("Exp", ["s"], ["y4"], name="Exp_sum"),
     ]
-    g = _graph(nodes, [("x", [c])], [(f"y{k}", [c]) for k in range(5)],
+    g = helper_graph(nodes, [("x", [c])], [(f"y{k}", [c]) for k in range(5)],
                [("zero", np.array(0.0)), ("minus3", np.array(-3.0))])
     feeds = {"x": np.random.default_rng(1).uniform(-10, 10, c).astype(np.float32)}
     ref, got, notes, g2 = _run_both(g, legalize_exp, feeds)
@@ -167,7 +148,7 @@ def test_exp_left_alone_when_the_argument_is_not_provably_nonpositive():
         helper.make_node("Sub", ["m2", "a"], ["d3"], name="Sub_reversed"),     # >= 0, not <= 0
         helper.make_node("Exp", ["d3"], ["y3"], name="Exp_reversed"),
     ]
-    g = _graph(nodes, [("a", [c]), ("b", [c]), ("c", [c])], [(f"y{k}", [c]) for k in range(4)])
+    g = helper_graph(nodes, [("a", [c]), ("b", [c]), ("c", [c])], [(f"y{k}", [c]) for k in range(4)])
     before = _ops(g)
     g, notes = legalize_exp(g)
     assert _ops(g) == before
@@ -177,7 +158,7 @@ def test_exp_left_alone_when_the_argument_is_not_provably_nonpositive():
     assert all(n.reason.startswith("cannot prove its argument <= 0") for n in notes.values())
     assert "a is a graph input" in notes["Exp_input"].reason
     assert "Sub(a, b) [Sub_plain]" in notes["Exp_plain"].reason
-    _export(g)
+    export_checked(g)
 
 
 def test_exp_proof_after_max_rewrites():
@@ -200,7 +181,7 @@ def test_max_in_4d_is_exact(shape):
     b = rng.standard_normal(shape).astype(np.float32) * 100
     a.reshape(-1)[:3] = [-np.inf, np.inf, -1e30]
     b.reshape(-1)[3] = a.reshape(-1)[3]
-    g = _graph([helper.make_node("Max", ["a", "b"], ["y"], name="Max_0"),
+    g = helper_graph([helper.make_node("Max", ["a", "b"], ["y"], name="Max_0"),
                 helper.make_node("Max", ["a", "half"], ["z"], name="Max_const")],
                [("a", shape), ("b", shape)], [("y", shape), ("z", shape)], [("half", np.array(0.5))])
     ref, got, notes, g2 = _run_both(g, legalize_max, {"a": a, "b": b})
@@ -217,13 +198,13 @@ def test_max_relu_form_bound_and_its_infinity_problem():
     rng = np.random.default_rng(3)
     a = (rng.standard_normal(c) * np.logspace(-3, 3, c)).astype(np.float32)
     b = (rng.standard_normal(c) * np.logspace(3, -3, c)).astype(np.float32)
-    g = _graph([helper.make_node("Max", ["a", "b"], ["y"], name="Max_0")], [("a", [c]), ("b", [c])], [("y", [c])])
+    g = helper_graph([helper.make_node("Max", ["a", "b"], ["y"], name="Max_0")], [("a", [c]), ("b", [c])], [("y", [c])])
     ref, got, notes, g2 = _run_both(g, lambda gr: legalize_max(gr, form="relu"), {"a": a, "b": b})
     assert notes[0].rewritten and sorted(_ops(g2)) == ["Add", "Relu", "Sub"]
     err = np.abs(got["y"].astype(np.float64) - ref["y"])
     assert np.all(err <= ULP1 * (np.abs(a).astype(np.float64) + np.abs(b)))
     a[0] = -np.inf
-    out = run_model(_export(g2), {"a": a, "b": b})["y"]
+    out = run_model(export_checked(g2), {"a": a, "b": b})["y"]
     assert np.isnan(out[0])   # -inf + Relu(b + inf) = -inf + inf: the 4-D form has no such case
 
 
@@ -231,7 +212,7 @@ def test_max_left_alone():
     nodes = [helper.make_node("Max", ["a4", "b4"], ["y0"], name="Max_4d"),
              helper.make_node("Max", ["a", "b", "c"], ["y1"], name="Max_three"),
              helper.make_node("Max", ["a", "s"], ["y2"], name="Max_broadcast")]
-    g = _graph(nodes, [("a4", [1, 8, 1, 1]), ("b4", [1, 8, 1, 1]), ("a", [8]), ("b", [8]), ("c", [8]), ("s", [1])],
+    g = helper_graph(nodes, [("a4", [1, 8, 1, 1]), ("b4", [1, 8, 1, 1]), ("a", [8]), ("b", [8]), ("c", [8]), ("s", [1])],
                [("y0", [1, 8, 1, 1]), ("y1", [8]), ("y2", [8])])
     before = _ops(g)
     g, notes = legalize_max(g)
@@ -251,7 +232,7 @@ def test_div_in_hw_layout_is_exact(shape, hw):
     rng = np.random.default_rng(4)
     num = rng.standard_normal(shape).astype(np.float32)
     den = (1 + np.abs(rng.standard_normal(shape))).astype(np.float32)
-    g = _graph([helper.make_node("Div", ["n", "d"], ["y"], name="Div_1")], [("n", shape), ("d", shape)],
+    g = helper_graph([helper.make_node("Div", ["n", "d"], ["y"], name="Div_1")], [("n", shape), ("d", shape)],
                [("y", shape)])
     ref, got, notes, g2 = _run_both(g, legalize_div, {"n": num, "d": den})
     assert notes[0].rewritten and str(hw) in notes[0].reason
@@ -267,8 +248,9 @@ def test_div_left_alone():
         helper.make_node("Div", ["p", "q"], ["y2"], name="Div_prime"),
         helper.make_node("Div", ["h", "w"], ["y3"], name="Div_hw"),
     ]
-    g = _graph(nodes, [("x", [64]), ("std", [1]), ("p", [127]), ("q", [127]), ("h", [1, 1, 8, 8]), ("w", [1, 1, 8, 8])],
-               [("y0", [64]), ("y1", [64]), ("y2", [127]), ("y3", [1, 1, 8, 8])], [("k", np.full(64, 3.0))])
+    g = helper_graph(nodes,
+                     [("x", [64]), ("std", [1]), ("p", [127]), ("q", [127]), ("h", [1, 1, 8, 8]), ("w", [1, 1, 8, 8])],
+                     [("y0", [64]), ("y1", [64]), ("y2", [127]), ("y3", [1, 1, 8, 8])], [("k", np.full(64, 3.0))])
     before = _ops(g)
     g, notes = legalize_div(g)
     assert _ops(g) == before
@@ -284,7 +266,7 @@ def test_div_constant_numerator_is_scaled_out_of_the_broadcast_form():
     c = 128
     x = np.random.default_rng(5).uniform(-4, 4, c).astype(np.float32)
     x[0], x[1] = 1e-30, -3e30
-    g = _graph([helper.make_node("Div", ["one", "x"], ["y"], name="Div_0")], [("x", [c])], [("y", [c])],
+    g = helper_graph([helper.make_node("Div", ["one", "x"], ["y"], name="Div_0")], [("x", [c])], [("y", [c])],
                [("one", np.array(1.0))])
     ref, got, notes, g2 = _run_both(g, legalize_div, {"x": x})
     assert "scaled" in notes[0].reason
@@ -301,7 +283,7 @@ def test_min_becomes_negated_max_exactly():
     rng = np.random.default_rng(6)
     a, b = rng.standard_normal((2, c)).astype(np.float32) * 10
     a[:2] = [-np.inf, np.inf]
-    g = _graph([helper.make_node("Min", ["a", "b"], ["y"], name="Min_0"),
+    g = helper_graph([helper.make_node("Min", ["a", "b"], ["y"], name="Min_0"),
                 helper.make_node("Min", ["a", "zero"], ["z"], name="Min_1"),
                 helper.make_node("Min", ["a", "b", "b"], ["w"], name="Min_three")],
                [("a", [c]), ("b", [c])], [("y", [c]), ("z", [c]), ("w", [c])], [("zero", np.array(0.0))])
@@ -319,13 +301,13 @@ def test_min_becomes_negated_max_exactly():
 def test_reciprocal_through_legalize_is_exact():
     c = 96
     x = (np.random.default_rng(7).uniform(0.1, 8, c) * np.where(np.arange(c) % 3, 1, -1)).astype(np.float32)
-    g = _graph([helper.make_node("Reciprocal", ["x"], ["y"], name="Reciprocal_0")], [("x", [c])], [("y", [c])])
-    ref = run_model(_export(g), {"x": x})
+    g = helper_graph([helper.make_node("Reciprocal", ["x"], ["y"], name="Reciprocal_0")], [("x", [c])], [("y", [c])])
+    ref = run_model(export_checked(g), {"x": x})
     g1, n1 = legalize_reciprocal(g)
     assert n1[0].rewritten and _ops(g1) == ["Div"]
     g2, notes = legalize(g1)
     assert [n.op for n in g2.nodes] == ["Reshape", "Div", "Mul", "Reshape"]
-    assert np.array_equal(run_model(_export(g2), {"x": x})["y"], ref["y"])
+    assert np.array_equal(run_model(export_checked(g2), {"x": x})["y"], ref["y"])
 
 
 # -- a whole RWKV-4 layer -----------------------------------------------------------------------------
@@ -339,9 +321,9 @@ def _layers():
 
 def test_legalize_rwkv4_layer_matches_onnxruntime_over_40_tokens():
     for label, src in _layers():
-        ref_m = _export(normalize(gs.import_onnx(src)))
+        ref_m = export_checked(normalize(gs.import_onnx(src)))
         g, notes = legalize(normalize(gs.import_onnx(src)))
-        m = _export(g)
+        m = export_checked(g)
         ops = _ops(g)
         assert "Exp" not in ops and ops.count("Elu") == 4, label
         assert all(len(n.outputs[0].shape) == 4 for n in g.nodes if n.op == "Max"), label
@@ -380,8 +362,8 @@ def test_legalized_layer_compiles_without_cpu_ops_and_matches_in_the_simulator(t
 
     c = 128
     src = build_mixing(random_weights(1, c, 256).layer(0), 0, dtype="float16")
-    plain = _export(normalize(gs.import_onnx(src)))
-    legal = _export(legalize(normalize(gs.import_onnx(src)))[0])
+    plain = export_checked(normalize(gs.import_onnx(src)))
+    legal = export_checked(legalize(normalize(gs.import_onnx(src)))[0])
     rng = np.random.default_rng(0)
     hand = rng.standard_normal((5, c)).astype(np.float32)          # rows 0, 1: LN outputs of the last token
     hand[2] = np.abs(hand[2]) * 3                                    # aa

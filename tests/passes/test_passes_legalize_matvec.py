@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from passes_testlib import rel_err, run_model
+from onnx import helper
+from passes_testlib import export_checked, helper_graph, rel_err, run_model
 
 from passes.legalize import legalize
 from passes.legalize_matvec import legalize_matvec
@@ -35,23 +35,6 @@ from passes.pipeline import normalize
 from passes.placement import place
 
 U = 2.0 ** -24
-
-
-def _graph(nodes, inputs, outputs, inits=(), opset=16):
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
-    vo = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs]
-    init = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits]
-    m = helper.make_model(helper.make_graph(nodes, "g", vi, vo, initializer=init),
-                          opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return normalize(gs.import_onnx(m))
-
-
-def _export(g):
-    m = gs.export_onnx(g)
-    onnx.checker.check_model(m, full_check=True)
-    return m
 
 
 def _ops(g):
@@ -64,7 +47,7 @@ def _matvec_graph(sa, sb, opset=16):
              helper.make_node("Add", ["b_in", "zero"], ["b"], name="Add_b"),
              helper.make_node("MatMul", ["a", "b"], ["y"], name="MatMul_0")]
     sy = sa[:-1] + [sb[-1]]
-    return _graph(nodes, [("a_in", sa), ("b_in", sb)], [("y", sy)], [("zero", np.zeros(1))], opset)
+    return helper_graph(nodes, [("a_in", sa), ("b_in", sb)], [("y", sy)], [("zero", np.zeros(1))], opset)
 
 
 @pytest.mark.parametrize("sa,sb,opset", [
@@ -79,7 +62,7 @@ def test_matvec_matches_onnxruntime_within_the_summation_bound(sa, sb, opset):
     a = (rng.standard_normal(sa) * np.exp(rng.uniform(-3, 3, sa))).astype(np.float32)
     b = rng.standard_normal(sb).astype(np.float32)
     g = _matvec_graph(sa, sb, opset)
-    ref = run_model(_export(g), {"a_in": a, "b_in": b})["y"]
+    ref = run_model(export_checked(g), {"a_in": a, "b_in": b})["y"]
     g, notes = legalize_matvec(g)
     assert [(n.node, n.rewritten) for n in notes] == [("MatMul_0", True)]
     assert "MatMul" not in _ops(g) and _ops(g).count("Mul") == 1 and _ops(g).count("ReduceSum") == 1
@@ -88,7 +71,7 @@ def test_matvec_matches_onnxruntime_within_the_summation_bound(sa, sb, opset):
     assert (red.attrs.get("axes") == [-1]) == (opset < 13)
     mul = next(n for n in g.nodes if n.op == "Mul")
     assert list(mul.outputs[0].shape) == sa and list(mul.inputs[1].shape) == sb[:-2] + [1, sb[-2]]
-    got = run_model(_export(g), {"a_in": a, "b_in": b})["y"]
+    got = run_model(export_checked(g), {"a_in": a, "b_in": b})["y"]
     assert got.shape == ref.shape
     k = sb[-2]
     gamma = k * U / (1 - k * U)
@@ -108,7 +91,7 @@ def test_non_column_and_other_matmuls_are_left_alone_with_a_reason():
         helper.make_node("MatMul", ["a", "vec"], ["y2"], name="MatMul_vector"),     # [2,64,64] @ [64]
         helper.make_node("MatMul", ["w", "x"], ["y3"], name="MatMul_weight"),       # constant weight: skipped
     ]
-    g = _graph(nodes, [("a_in", [2, 64, 64]), ("m", [2, 64, 3]), ("col", [64, 1]), ("vec", [64]), ("x", [64])],
+    g = helper_graph(nodes, [("a_in", [2, 64, 64]), ("m", [2, 64, 3]), ("col", [64, 1]), ("vec", [64]), ("x", [64])],
                [("y0", [2, 64, 3]), ("y1", [2, 64, 1]), ("y2", [2, 64]), ("y3", [32])],
                [("zero", np.zeros(1)), ("w", np.ones((32, 64)))])
     before = _ops(g)
@@ -120,7 +103,7 @@ def test_non_column_and_other_matmuls_are_left_alone_with_a_reason():
     assert "3 columns, not 1" in why["MatMul_matrix"]
     assert "batch dimensions" in why["MatMul_broadcast"] and "broadcast" in why["MatMul_broadcast"]
     assert "1-D" in why["MatMul_vector"]
-    _export(g)
+    export_checked(g)
 
 
 # -- a normalized RWKV-7 layer ------------------------------------------------------------------------------
@@ -137,9 +120,9 @@ def rwkv7_layers():
     out = []
     for i in range(2):
         src = build_mixing7(w.layer(i), i, dtype="float16")
-        plain = _export(normalize(gs.import_onnx(src)))
+        plain = export_checked(normalize(gs.import_onnx(src)))
         legal, notes = legalize(normalize(gs.import_onnx(src)))
-        out.append((plain, _export(legal), notes))
+        out.append((plain, export_checked(legal), notes))
     return out
 
 
