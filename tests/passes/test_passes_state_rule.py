@@ -3,9 +3,9 @@ full-precision reads of the state; the layer splits into one NPU part and one CP
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
+
+from passes_testlib import run_model, run_segments
 
 from passes.cut import extract_segments
 from passes.partition import propose_segments
@@ -22,10 +22,23 @@ def _layer():
     return normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=1).layer(0), 0, dtype="float16")))
 
 
-def _run(model, feed):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {n: feed[n] for n in names})))
+def _split_reproduces(g, ref_model, on_cpu: set[str], feed: dict):
+    """Place `g` whole-model style with `on_cpu` pinned to the CPU, cut it (one NPU part, one CPU update part),
+    run the parts in order and compare with the unsplit model; returns the cuts."""
+    placement = place(g, npu_all=True, whole_models=True)
+    for n in g.nodes:
+        if n.name in on_cpu:
+            placement[n.name] = Placement("cpu", "update")
+    segs = propose_segments(g, placement, policy="deep")
+    assert [s.backend for s in segs] == ["npu", "cpu"]
+    cuts = extract_segments(g, segs)
+    want = run_model(ref_model, feed)
+    env = run_segments(cuts, feed)
+    for name in ("output", "state_out"):
+        np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
+    # the CPU update reads the fp32 state input itself, not an NPU output
+    assert "state_in" in {t.name for t in cuts[1].inputs}
+    return cuts
 
 
 def test_update_nodes_are_the_aa_bb_pp_update_only():
@@ -56,26 +69,10 @@ def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer
             for t in n.inputs:
                 for p in t.inputs:
                     assert p.name in grown or p.op not in ("Gather",), (n.name, p.name)
-    placement = place(g, npu_all=True, whole_models=True)
-    for n in g.nodes:
-        if n.name in grown:
-            placement[n.name] = Placement("cpu", "update")
-    segs = propose_segments(g, placement, policy="deep")
-    assert [s.backend for s in segs] == ["npu", "cpu"]
-    cuts = extract_segments(g, segs)
     rng = np.random.default_rng(0)
     state = rng.standard_normal((5, C)).astype(np.float32)
     state[2:4] = np.abs(state[2:4]) + 1
-    feed = {"input": rng.standard_normal(C).astype(np.float32), "state_in": state}
-    want = _run(ref_model, feed)
-    env = dict(feed)
-    for c in cuts:
-        env.update(_run(c.model, env))
-        onnx.checker.check_model(c.model)
-    for name in ("output", "state_out"):
-        np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
-    # the CPU update reads the fp32 state input itself, not an NPU output
-    assert "state_in" in {t.name for t in cuts[1].inputs}
+    _split_reproduces(g, ref_model, grown, {"input": rng.standard_normal(C).astype(np.float32), "state_in": state})
 
 
 def test_batched_layer_gets_its_own_fp32_scan_for_the_final_state():
@@ -96,21 +93,7 @@ def test_batched_layer_gets_its_own_fp32_scan_for_the_final_state():
     assert any(n.name.endswith(".fp32") for n in on_cpu)  # copies of the shared scan steps
     assert sum(n.op == "Max" for n in on_cpu) == m  # one pp' max per token: the whole scan runs on the CPU
     assert not any(n.op == "MatMul" for n in b.nodes if n.name in cpu)  # projections stay on the NPU side
-    placement = place(b, npu_all=True, whole_models=True)
-    for n in b.nodes:
-        if n.name in cpu:
-            placement[n.name] = Placement("cpu", "update")
-    segs = propose_segments(b, placement, policy="deep")
-    assert [s.backend for s in segs] == ["npu", "cpu"]
-    cuts = extract_segments(b, segs)
     rng = np.random.default_rng(1)
     state = rng.standard_normal((5, C)).astype(np.float32)
     state[2:4] = np.abs(state[2:4]) + 1
-    feed = {"input": rng.standard_normal((m, C)).astype(np.float32), "state_in": state}
-    want = _run(ref_model, feed)
-    env = dict(feed)
-    for c in cuts:
-        env.update(_run(c.model, env))
-    for name in ("output", "state_out"):
-        np.testing.assert_allclose(env[name], want[name], rtol=1e-6, atol=1e-6)
-    assert "state_in" in {t.name for t in cuts[1].inputs}
+    _split_reproduces(b, ref_model, cpu, {"input": rng.standard_normal((m, C)).astype(np.float32), "state_in": state})
