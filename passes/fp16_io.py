@@ -19,24 +19,19 @@ def fp16_boundary(graph: gs.Graph, names: list[str]) -> gs.Graph:
     """Make the named float32 graph inputs and outputs float16 at the boundary (Casts inside)."""
     wanted = set(names)
     found = set()
-    for i, t in enumerate(list(graph.inputs)):
-        if t.name not in wanted or np_dtype(t.dtype) != _F32:
-            continue
-        found.add(t.name)
-        outer = gs.Variable(t.name, dtype=_F16, shape=t.shape)
-        t.name = f"{t.name}.fp32"
-        graph.nodes.insert(0, gs.Node("Cast", name=f"{outer.name}.to_fp32", attrs={"to": onnx.TensorProto.FLOAT},
-                                      inputs=[outer], outputs=[t]))
-        graph.inputs[i] = outer
-    for i, t in enumerate(list(graph.outputs)):
-        if t.name not in wanted or np_dtype(t.dtype) != _F32:
-            continue
-        found.add(t.name)
-        outer = gs.Variable(t.name, dtype=_F16, shape=t.shape)
-        t.name = f"{t.name}.fp32"
-        graph.nodes.append(gs.Node("Cast", name=f"{outer.name}.to_fp16", attrs={"to": onnx.TensorProto.FLOAT16},
-                                   inputs=[t], outputs=[outer]))
-        graph.outputs[i] = outer
+    for side, to, step in ((graph.inputs, onnx.TensorProto.FLOAT, "to_fp32"),
+                           (graph.outputs, onnx.TensorProto.FLOAT16, "to_fp16")):
+        for i, t in enumerate(list(side)):
+            if t.name not in wanted or np_dtype(t.dtype) != _F32:
+                continue
+            found.add(t.name)
+            outer = gs.Variable(t.name, dtype=_F16, shape=t.shape)
+            t.name = f"{t.name}.fp32"
+            # an input is cast on the way in (outer -> t), an output on the way out (t -> outer)
+            ins, outs = ([outer], [t]) if side is graph.inputs else ([t], [outer])
+            graph.nodes.append(gs.Node("Cast", name=f"{outer.name}.{step}", attrs={"to": to},
+                                       inputs=ins, outputs=outs))
+            side[i] = outer
     missing = wanted - found
     if missing:
         raise ValueError(f"fp16_boundary: no float32 graph input or output named {sorted(missing)[0]!r}")
