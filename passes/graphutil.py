@@ -46,6 +46,22 @@ def static_shape(tensor):
     return out
 
 
+def row_index(node) -> int | None:
+    """The row a node reads from its first input along axis 0: Gather(x, r) or Slice(x, r, r + 1) with
+    constant indices; None for anything else."""
+    def const(t):
+        return int(np.asarray(t.values).reshape(-1)[0]) if isinstance(t, gs.Constant) and t.values.size == 1 else None
+
+    if node.op == "Gather" and len(node.inputs) == 2 and int(node.attrs.get("axis", 0)) == 0:
+        return const(node.inputs[1])
+    if node.op == "Slice" and len(node.inputs) >= 3:
+        start, end = const(node.inputs[1]), const(node.inputs[2])
+        axes = const(node.inputs[3]) if len(node.inputs) > 3 else 0
+        if start is not None and end == start + 1 and axes == 0:
+            return start
+    return None
+
+
 def producer_map(graph):
     """tensor name -> producing node (graph-local)."""
     prod = {}

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graphutil import static_shape
+from passes.graphutil import row_index, static_shape
 
 # Ops that only change the shape and keep the flat (row-major) element order: the k-th element of
 # the output is the k-th element of the input.
@@ -104,20 +104,9 @@ def upper_bound_of(m, a, _depth: int = 0):
 
 
 def _row_of(t, base, i) -> bool:
-    """t is (a view of) row i of `base`: Gather(base, i) on axis 0, or Slice(base, i, i + 1) on axis 0."""
+    """t is (a view of) row i of `base` (passes.graphutil.row_index)."""
     p = _producer(strip_views(t))
-    if p is None or not p.inputs or strip_views(p.inputs[0]) is not base:
-        return False
-
-    def const(x):
-        return int(np.asarray(x.values).reshape(-1)[0]) if isinstance(x, gs.Constant) and x.values.size == 1 else None
-
-    if p.op == "Gather" and len(p.inputs) == 2 and int(p.attrs.get("axis", 0)) == 0:
-        return const(p.inputs[1]) == i
-    if p.op == "Slice" and len(p.inputs) >= 3:
-        axes = const(p.inputs[3]) if len(p.inputs) > 3 else 0
-        return axes == 0 and const(p.inputs[1]) == i and const(p.inputs[2]) == i + 1
-    return False
+    return p is not None and bool(p.inputs) and strip_views(p.inputs[0]) is base and row_index(p) == i
 
 
 def _max_of_row(part, base, i) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections import deque
 
-import numpy as np
 import onnx_graphsurgeon as gs
+
+from passes.graphutil import row_index
 
 def _users(graph: gs.Graph) -> dict[str, list]:
     users: dict[str, list] = {}
@@ -50,21 +51,8 @@ def update_only_nodes(graph: gs.Graph, state_inputs: list[str], state_outputs: l
 
 
 def _row_of(node, state) -> int | None:
-    """The state row a node reads: Gather(state, r) or Slice(state, r, r + 1) on axis 0; None otherwise."""
-    if not node.inputs or node.inputs[0] is not state:
-        return None
-
-    def const(t):
-        return int(np.asarray(t.values).reshape(-1)[0]) if isinstance(t, gs.Constant) and t.values.size == 1 else None
-
-    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) == 2:
-        return const(node.inputs[1])
-    if node.op == "Slice" and len(node.inputs) >= 3:
-        start, end = const(node.inputs[1]), const(node.inputs[2])
-        axes = const(node.inputs[3]) if len(node.inputs) > 3 else 0
-        if start is not None and end == start + 1 and axes == 0:
-            return start
-    return None
+    """The state row a node reads (passes.graphutil.row_index), when it reads `state` itself."""
+    return row_index(node) if node.inputs and node.inputs[0] is state else None
 
 
 def recurrent_rows(graph: gs.Graph, state_pairs) -> dict[str, set[int] | None]:
