@@ -22,6 +22,7 @@ def merge_graphs(parts: list[tuple[str, gs.Graph]], links: list[tuple[str, str, 
     if len(set(prefixes)) != len(prefixes):
         raise ValueError(f"merge: part prefixes must be unique, got {prefixes}")
     by_prefix = dict(parts)
+    keep = set(keep_outputs)
     order = {p: i for i, p in enumerate(prefixes)}
     for src, out, dst, inp in links:
         if src not in by_prefix or dst not in by_prefix:
@@ -55,7 +56,7 @@ def merge_graphs(parts: list[tuple[str, gs.Graph]], links: list[tuple[str, str, 
             replaced.add(id(t))
         for name, t in outs_by_name.items():
             part_outputs[(prefix, name)] = t
-            if (prefix, name) not in linked_out or (prefix, name) in set(keep_outputs):
+            if (prefix, name) not in linked_out or (prefix, name) in keep:
                 outputs.append(t)
         for t in own:
             if id(t) not in replaced:
