@@ -145,11 +145,12 @@ def print_tables(est, cpu, result: dict, profile, show_segments: bool) -> None:
                   f"per token{'' if t == 1 else f' ({t} tokens per call)'}; prefill: {est.prefill_ms_per_token:.1f} "
                   f"ms/token ({est.prefill_plan}). Core masks: 1 = NPU_CORE_0, 7 = NPU_CORE_0_1_2.", soft_wrap=True)
     ratio = result["speedup_vs_cpu_only"]
-    if result["loses_to_cpu_only"]:
+    versus = verdict(est.decode_ms_per_token, cpu.decode_ms_per_token)
+    if versus == "LOSES to":
         console.print(f"[bold red]The prediction says this plan LOSES to the CPU-only plan[/bold red]: "
                       f"{est.decode_ms_per_token:.1f} vs {cpu.decode_ms_per_token:.1f} ms/token "
                       f"({1 / ratio:.2f}x slower) on board profile {profile.name}.", soft_wrap=True)
-    elif verdict(est.decode_ms_per_token, cpu.decode_ms_per_token) == "ties with":
+    elif versus == "ties with":
         console.print(f"The prediction says this plan ties with the CPU-only plan: {est.decode_ms_per_token:.1f} "
                       f"ms/token on board profile {profile.name}.", soft_wrap=True)
     else:

@@ -335,13 +335,13 @@ def core_mask_name(mask: int | None) -> str:
     return f"{mask} ({name.removeprefix('NPU_CORE_')})" if name else str(mask)
 
 
-__all__ = ["CATEGORIES", "LABEL", "Estimate", "GraphEstimate", "PlanEstimate", "SegmentEstimate", "core_mask_name",
-           "SegmentPrice", "estimate", "price_segment",
-           "with_features"]
-
-
 def verdict(plan_ms: float, cpu_ms: float) -> str:
     """How a plan's predicted decode time compares with the CPU-only plan's: beats, ties with, LOSES to."""
     if abs(plan_ms - cpu_ms) <= 0.005 * cpu_ms:
         return "ties with"
     return "beats" if plan_ms < cpu_ms else "LOSES to"
+
+
+__all__ = ["CATEGORIES", "LABEL", "Estimate", "GraphEstimate", "PlanEstimate", "SegmentEstimate", "core_mask_name",
+           "SegmentPrice", "estimate", "price_segment", "verdict", "with_features"]
+
