@@ -62,7 +62,8 @@ def tables() -> str:
                   "rwkv_pip = the `rwkv` package, strategy `cpu fp32`, same weights.", ""]
     b = _load("build")
     if b:
-        lines += ["**Build** (`rwkv2rknn build --jobs 2` of the `fused` split with its default prefill plan, so NPU segments count both plans; simulator verify on; warm = rebuild with nothing changed)", "",
+        lines += ["**Build** (`rwkv2rknn build --jobs 2` of the `fused` split with its default prefill plan, so NPU "
+                  "segments count both plans; simulator verify on; warm = rebuild with nothing changed)", "",
                   "| shape | NPU segments | cold s | warm s | warm/cold | warm compiles | worst segment rel_l2 | "
                   "whole-model logits cosine min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in b.items():

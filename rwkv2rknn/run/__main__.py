@@ -80,8 +80,8 @@ def _open_chain(args, manifest, timed=False):
                              threads=args.threads)
     npu = sum(1 for _, s in manifest.segments() if runs_on(s) == "npu")
     if factory.backend == "rknn-sim" and npu and not args.quiet:
-        print(f"rknn-sim: compiling {npu} NPU segment(s) in the simulator first; this takes seconds each (minutes for a deep model)",
-              file=sys.stderr)
+        print(f"rknn-sim: compiling {npu} NPU segment(s) in the simulator first; this takes seconds each "
+              "(minutes for a deep model)", file=sys.stderr)
     return Chain(manifest, factory, timed=timed, trace=sys.stderr if args.trace else None,
                  progress=not args.quiet)
 
