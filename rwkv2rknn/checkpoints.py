@@ -168,10 +168,16 @@ def from_tensors(tensors: dict[str, np.ndarray], source: str = "<memory>", raw_d
 
 # -- validation -------------------------------------------------------------------------------------
 
+def looks_rwkv56(keys) -> bool:
+    """Tensor names only RWKV-5/6 checkpoints have among the versions read here (RWKV-7 has ln_x too, so
+    callers ask the RWKV-7 detector first)."""
+    return any(k.endswith(("att.time_faaaa", "att.ln_x.weight")) for k in keys)
+
+
 def _check_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> tuple[int, int, int, int]:
     """Infer (n_layer, n_embd, n_vocab, n_ffn) and check every tensor is present and well shaped."""
     fix = "the file is damaged or not an RWKV-4 checkpoint; re-download or re-convert it"
-    if any(k.endswith(("att.time_faaaa", "att.ln_x.weight")) for k in shapes):
+    if looks_rwkv56(shapes):
         raise UserError(f"{source}: this is an RWKV-5/6 checkpoint; only RWKV-4 models are supported")
     if "emb.weight" not in shapes or len(shapes["emb.weight"]) != 2:
         raise UserError(f"{source}: no 2-D tensor emb.weight; {fix}")

@@ -100,7 +100,7 @@ def load_checkpoint(path) -> tuple[Family, object]:
         for f in _registry():
             if f.detect_keys(keys):
                 return f, f.load_checkpoint(path)
-        if any(k.endswith(("att.time_faaaa", "att.ln_x.weight")) for k in keys):
+        if checkpoints.looks_rwkv56(keys):
             raise UserError(f"{path}: this is an RWKV-5/6 checkpoint; supported are "
                             f"{', '.join(f.label for f in _registry())}")
     f = get("rwkv4")  # rwkv.cpp .bin files and anything else: the RWKV-4 reader says what is wrong

@@ -30,8 +30,9 @@ def _export(weights, out_dir, dtype="float16", weights_as="constants", force=Fal
 
 
 def _detect(keys) -> bool:
-    return "blocks.0.att.time_decay" in keys and "blocks.0.att.time_first" in keys and not any(
-        k.endswith(("att.time_faaaa", "att.ln_x.weight")) for k in keys)
+    from rwkv2rknn.checkpoints import looks_rwkv56
+
+    return "blocks.0.att.time_decay" in keys and "blocks.0.att.time_first" in keys and not looks_rwkv56(keys)
 
 
 _IN, _OUT = {"input": 1, "state_in": 2}, {"output": 1, "state_out": 2}
