@@ -234,6 +234,12 @@ def test_bad_pth(weights, tmp_path):
             "blocks.1.att.key.weight has shape")
     _raises(variant("noemb.pth", {k: v for k, v in sd.items() if k != "emb.weight"}), "emb.weight")
     _raises(variant("v5.pth", {**sd, "blocks.0.att.time_faaaa": torch.zeros(4, 8)}), "RWKV-5")
+    # the command line reads the version through the family seam first: the same refusal there
+    from rwkv2rknn import families
+
+    for name, extra in (("v5f.pth", "blocks.0.att.time_faaaa"), ("v6x.pth", "blocks.0.att.ln_x.weight")):
+        with pytest.raises(UserError, match="RWKV-5/6 checkpoint"):
+            families.load_checkpoint(variant(name, {**sd, extra: torch.zeros(4, 8)}))
     _raises(variant("list.pth", [torch.zeros(3)]), "state dict")
 
 
