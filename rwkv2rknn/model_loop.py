@@ -19,20 +19,38 @@ def _tokenizer_hint(model: RwkvModel) -> str | None:
     return None
 
 
+def hand_offs(model: RwkvModel, unit_of: dict[str, Unit], last_into_head: bool = False) -> list[dict]:
+    """The model's links between graphs as manifest links between the split's units; a link inside a merged unit
+    is a tensor of that unit's graph, not a hand-off. last_into_head (a prefill plan): the head reads only the
+    last row of what it is given (logits for the chunk's last token)."""
+    out = []
+    for a, o, b, i in model.family.links(model.n_layer):
+        if unit_of[a] is unit_of[b]:
+            continue
+        link = {"from": tensor_ref(unit_of[a], a, o), "to": tensor_ref(unit_of[b], b, i)}
+        if last_into_head and b == "head":
+            link["last"] = True
+        out.append(link)
+    return out
+
+
+def input_dtypes(entries: list[dict]) -> dict[str, str]:
+    """Graph input name -> dtype over a plan's graph entries (a state kept fp16 by the NPU is float16)."""
+    return {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
+
+
 def model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all: bool) -> dict:
     """The manifest's `model`: links between graphs, recurrent states with their initial values, token input,
     logits, vocab and tokenizer hint, in terms of the split's units (a merged unit holds `<graph>.<name>`)."""
     unit_of = {src.name: u for u in units for src in u.sources}
     graph_policy = {e["name"]: e["policy"] for e in entries}
     # a state the NPU keeps in fp16 between calls (deep, --state-update npu) is carried as float16
-    state_dtype = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
+    state_dtype = input_dtypes(entries)
 
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    # a link inside a merged unit is a tensor of that unit's graph, not a hand-off between graphs
-    links = [{"from": ref(a, o), "to": ref(b, i)} for a, o, b, i in model.family.links(model.n_layer)
-             if unit_of[a] is not unit_of[b]]
+    links = hand_offs(model, unit_of)
 
     # A family's fp32-only initial rows (RWKV-4's pp = -1e30 overflows float16) apply only while the state
     # stays fp32 on the CPU; at 0 instead the outputs are the same because aa = bb = 0 at the start.

@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from passes.batch import batch_tokens
 from passes.state_rule import recurrent_rows
 from rwkv2rknn.deep import Unit, tensor_ref
+from rwkv2rknn.model_loop import hand_offs, input_dtypes
 
 DEFAULT_CHUNK = 16
 MAX_PREFILL_CHUNK = 256  # tokens per prefill call: the batched graph unrolls the recurrence once per token
@@ -48,15 +49,8 @@ def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, e
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    links = []
-    for a, o, b, i in model.family.links(model.n_layer):
-        if unit_of[a] is unit_of[b]:
-            continue
-        link = {"from": ref(a, o), "to": ref(b, i)}
-        if b == "head":
-            link["last"] = True  # logits only for the chunk's last token
-        links.append(link)
-    dtypes = {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
+    links = hand_offs(model, unit_of, last_into_head=True)
+    dtypes = input_dtypes(entries)
     state = []
     specs = [(f"mixing_{i}", spec) for i in range(model.n_layer) for spec in model.family.states]
     for (g, spec), st in zip(specs, decode_loop["state"]):  # the decode plan's order
