@@ -160,6 +160,11 @@ SCHEMA = {
 }
 
 
+def _plan_graphs(data: dict) -> list[dict]:
+    """The decode plan's graphs, then the prefill plan's (manifest data as loaded)."""
+    return data["graphs"] + ((data.get("prefill") or {}).get("graphs") or [])
+
+
 def runs_on(seg: dict) -> str:
     """Where a segment runs: "npu", or "cpu" (planned so, or an NPU segment whose compile failed)."""
     return "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu"
@@ -189,7 +194,7 @@ class Manifest:
 
     def all_graphs(self) -> list[dict]:
         """The decode plan's graphs, then the prefill plan's."""
-        return self.graphs + (self.prefill["graphs"] if self.prefill else [])
+        return _plan_graphs(self.data)
 
     @property
     def model(self) -> dict | None:
@@ -276,6 +281,6 @@ def validate(data: dict, path: str | Path = "manifest") -> None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise UserError(f"{path}: invalid manifest at {where}: {exc.message}; rerun `rwkv2rknn split`") from None
-    ids = [s["id"] for g in data["graphs"] + (data.get("prefill") or {}).get("graphs", []) for s in g["segments"]]
+    ids = [s["id"] for g in _plan_graphs(data) for s in g["segments"]]
     if len(ids) != len(set(ids)):
         raise UserError(f"{path}: segment ids are not unique; rerun `rwkv2rknn split`")
