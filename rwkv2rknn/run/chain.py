@@ -78,6 +78,13 @@ def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int | No
     return make
 
 
+def _run_steps(steps, table: dict) -> None:
+    """Run a graph's segments in order, reading their inputs from and writing their outputs to `table`."""
+    for fn, ins, outs, _ in steps:
+        for n, v in zip(outs, fn([table[n] for n in ins])):
+            table[n] = v
+
+
 def _shape_fixer(fn, specs):
     """Runners outside onnxruntime may return [1, C] for [C] (reshape: a view), and float32 for a float16
     output (a state the NPU keeps in fp16 between calls): give the manifest's shapes and dtypes."""
@@ -183,11 +190,7 @@ class Chain:
             for row, value in st["init"].get("rows", {}).items():
                 init[int(row)] = value
             self._init_state.append((plan.table, st["input"], init))
-        tok = m["token_input"]
-        g = next(x for x in self.manifest.graphs if x["name"] == tok["graph"])
-        spec = next(t for t in g["inputs"] if t["name"] == tok["name"])
-        self._token_buf = np.zeros(spec["shape"] or [], dtype=np.dtype(spec["dtype"]))
-        self.by_name[tok["graph"]].table[tok["name"]] = self._token_buf
+        self._token_buf = self._input_buffer(m["token_input"])
         self._logits_table = self.by_name[m["logits"]["graph"]].table
         self._logits_name = m["logits"]["name"]
         self.vocab_size = m["vocab_size"]
@@ -208,13 +211,17 @@ class Chain:
                                         bool(link.get("last"))))
         self._prefill_seq = [(self.by_name[n], links[n]) for n in p["order"]]
         self._prefill_state = [(self.by_name[st["graph"]].table, st["input"], st["output"]) for st in p["state"]]
-        tok = p["token_input"]
-        g = next(x for x in self.manifest.all_graphs() if x["name"] == tok["graph"])
-        spec = next(t for t in g["inputs"] if t["name"] == tok["name"])
-        self._prefill_tokens = np.zeros(spec["shape"], dtype=np.dtype(spec["dtype"]))
-        self.by_name[tok["graph"]].table[tok["name"]] = self._prefill_tokens
+        self._prefill_tokens = self._input_buffer(p["token_input"])
         self._prefill_logits = (self.by_name[p["logits"]["graph"]].table, p["logits"]["name"])
         self.chunk = int(p["chunk"])
+
+    def _input_buffer(self, ref: dict) -> np.ndarray:
+        """A zeroed array for graph input `ref` (the token ids), placed in its graph's table to be filled in."""
+        g = next(x for x in self.manifest.all_graphs() if x["name"] == ref["graph"])
+        spec = next(t for t in g["inputs"] if t["name"] == ref["name"])
+        buf = np.zeros(spec["shape"] or [], dtype=np.dtype(spec["dtype"]))
+        self.by_name[ref["graph"]].table[ref["name"]] = buf
+        return buf
 
     def reset(self) -> None:
         """Back to the initial recurrent state (a fresh conversation)."""
@@ -236,9 +243,7 @@ class Chain:
             t = plan.table
             for dst, src_table, src in plan.links_in:
                 t[dst] = src_table[src]
-            for fn, ins, outs, _ in plan.steps:
-                for n, v in zip(outs, fn([t[n] for n in ins])):
-                    t[n] = v
+            _run_steps(plan.steps, t)
             for i, o in plan.carry:
                 t[i] = t[o]
         return self._logits_table[self._logits_name]
@@ -254,9 +259,7 @@ class Chain:
             t = plan.table
             for dst, src_table, src, last in links:
                 t[dst] = src_table[src][-1] if last else src_table[src]
-            for fn, ins, outs, _ in plan.steps:
-                for n, v in zip(outs, fn([t[n] for n in ins])):
-                    t[n] = v
+            _run_steps(plan.steps, t)
         for (dt, din, _), (pt, _, pout) in zip(self._init_state, self._prefill_state):
             dt[din] = pt[pout]
         table, name = self._prefill_logits
@@ -279,9 +282,7 @@ class Chain:
         """Run one graph's segments on `feed` (its graph inputs); return its graph outputs."""
         plan = self.by_name[name]
         t = dict(feed)
-        for fn, ins, outs, _ in plan.steps:
-            for n, v in zip(outs, fn([t[n] for n in ins])):
-                t[n] = v
+        _run_steps(plan.steps, t)
         return {n: t[n] for n in plan.outputs}
 
     def close(self) -> None:
@@ -369,7 +370,7 @@ def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.nd
     seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
     with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
         chain.feed(tokens, prefill=False)
-        if chain.chunk:
+        if chain.chunk and tokens:
             text = list(tokens)
             while len(text) < chain.chunk:
                 text += tokens
