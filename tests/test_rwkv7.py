@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, numpy_helper, shape_inference
+from rwkv_ref import cosine
 
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.families.rwkv7 import (
@@ -32,10 +33,6 @@ TOKENS = [int(t) for t in np.random.default_rng(77).integers(0, VOCAB, 16)]
 ELEM = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}
 NP = {"float16": np.float16, "float32": np.float32}
 
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from rwkv_ref import cosine
 from test_rwkv7 import _load_x070_package
 
 from rwkv2rknn.families.rwkv7 import random_weights7, save_pth7
@@ -21,10 +22,6 @@ TOKENS = [3, 17, 250, 100, 7, 7, 42, 511, 0, 64, 128, 5, 300, 2, 90, 11]
 def cli(*args, module="rwkv2rknn"):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
 
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture(scope="module")
