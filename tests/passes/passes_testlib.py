@@ -147,6 +147,31 @@ def export_checked(g) -> onnx.ModelProto:
     return m
 
 
+def rknn_build_and_run(model: onnx.ModelProto, path, samples=(), in_names=()):
+    """Compile `model` with rknn-toolkit2 (rk3588, fp16, verbose) and run each feed of `samples` (inputs in the
+    order `in_names`) in its simulator; returns (the compiler's parsed per-op table, outputs per sample)."""
+    from rknn.api import RKNN
+
+    from rwkv2rknn.compiler_table import capture_fds, parse_compiler_table
+
+    onnx.save(model, str(path))
+    rknn = RKNN(verbose=True)
+    try:
+        with capture_fds() as cap:
+            assert rknn.config(target_platform="rk3588") == 0
+            assert rknn.load_onnx(model=str(path)) == 0
+            ret = rknn.build(do_quantization=False)
+            ok_rt = rknn.init_runtime() if samples and ret == 0 else 0
+        assert ret == 0 and ok_rt == 0, cap.text[-3000:]
+        outs = []
+        for feed in samples:
+            with capture_fds():
+                outs.append(rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names)))
+        return parse_compiler_table(cap.text), outs
+    finally:
+        rknn.release()
+
+
 def session(model: onnx.ModelProto, basic=False):
     so = ort.SessionOptions()
     so.log_severity_level = 3

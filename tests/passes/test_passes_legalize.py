@@ -14,11 +14,10 @@ Error bounds (fp32, onnxruntime CPU):
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from passes_testlib import export_checked, helper_graph, rel_err, run_model, rwkv_mixing_model
+from passes_testlib import export_checked, helper_graph, rel_err, rknn_build_and_run, run_model, rwkv_mixing_model
 
 from passes.legalize import legalize
 from passes.legalize_div import legalize_div
@@ -354,10 +353,7 @@ def test_legalized_layer_compiles_without_cpu_ops_and_matches_in_the_simulator(t
     and the simulator (fp16) matches onnxruntime fp32 with realistic states."""
     pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
     monkeypatch.chdir(tmp_path)  # the verbose compiler writes check*.onnx into the working directory
-    from rknn.api import RKNN
-
     from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.compiler_table import capture_fds, parse_compiler_table
     from rwkv2rknn.export import build_mixing
 
     c = 128
@@ -373,31 +369,10 @@ def test_legalized_layer_compiles_without_cpu_ops_and_matches_in_the_simulator(t
     initial[4] = -1e30                                               # -inf in fp16 on the NPU
     samples = [{"input": rng.standard_normal(c).astype(np.float32), "state_in": s} for s in (hand, initial)]
 
-    def build(model, name, run):
-        path = tmp_path / f"{name}.onnx"
-        onnx.save(model, str(path))
-        rknn = RKNN(verbose=True)
-        try:
-            with capture_fds() as cap:
-                assert rknn.config(target_platform="rk3588") == 0
-                assert rknn.load_onnx(model=str(path)) == 0
-                ret = rknn.build(do_quantization=False)
-                ok_rt = rknn.init_runtime() if run and ret == 0 else 0
-            assert ret == 0 and ok_rt == 0, cap.text[-3000:]
-            outs = []
-            if run:
-                for feed in samples:
-                    with capture_fds():
-                        got = rknn.inference(inputs=[feed["input"], feed["state_in"]], data_format=["nchw", "nchw"])
-                    outs.append(got)
-            return parse_compiler_table(cap.text), outs
-        finally:
-            rknn.release()
-
-    table, _ = build(plain, "plain", run=False)
+    table, _ = rknn_build_and_run(plain, tmp_path / "plain.onnx")
     assert table is not None
     assert table.op_counts("CPU") == {"Max": 2, "Exp": 4, "Div": 1}, table.cpu_ops
-    table, outs = build(legal, "legal", run=True)
+    table, outs = rknn_build_and_run(legal, tmp_path / "legal.onnx", samples, ["input", "state_in"])
     assert table is not None and table.ops > 50
     assert table.cpu_ops == [], table.cpu_ops
     for feed, got in zip(samples, outs):

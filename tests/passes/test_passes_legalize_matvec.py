@@ -23,11 +23,10 @@ its own states back: max |diff| / max |ref| <= 2e-5 for every output (measured <
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from passes_testlib import export_checked, helper_graph, rel_err, run_model
+from passes_testlib import export_checked, helper_graph, rel_err, rknn_build_and_run, run_model
 
 from passes.legalize import legalize
 from passes.legalize_matvec import legalize_matvec
@@ -177,10 +176,6 @@ def test_legalized_rwkv7_layer_compiles_without_cpu_ops_and_matches_in_the_simul
     v_first that 8 tokens produce: cosine >= 0.999 on output, state_out and wkv_out."""
     pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
     monkeypatch.chdir(tmp_path)  # the verbose compiler writes check*.onnx into the working directory
-    from rknn.api import RKNN
-
-    from rwkv2rknn.compiler_table import capture_fds, parse_compiler_table
-
     plain, legal, _ = rwkv7_layers[1]
     steps = _run_tokens([p for p, _, _ in rwkv7_layers], 9, seed=1)
     samples = [steps[k][2] for k in (0, 8)]   # the zero state, and the states after 8 tokens
@@ -188,23 +183,7 @@ def test_legalized_rwkv7_layer_compiles_without_cpu_ops_and_matches_in_the_simul
     in_names = [i.name for i in legal.graph.input]
     out_names = [o.name for o in legal.graph.output]
     assert in_names == ["input", "state_in", "wkv_in", "v_first"] and out_names == ["output", "state_out", "wkv_out"]
-    path = tmp_path / "legal.onnx"
-    onnx.save(legal, str(path))
-    rknn = RKNN(verbose=True)
-    try:
-        with capture_fds() as cap:
-            assert rknn.config(target_platform="rk3588") == 0
-            assert rknn.load_onnx(model=str(path)) == 0
-            ret = rknn.build(do_quantization=False)
-            ok_rt = rknn.init_runtime() if ret == 0 else -1
-        assert ret == 0 and ok_rt == 0, cap.text[-3000:]
-        table = parse_compiler_table(cap.text)
-        outs = []
-        for feed in samples:
-            with capture_fds():
-                outs.append(rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names)))
-    finally:
-        rknn.release()
+    table, outs = rknn_build_and_run(legal, tmp_path / "legal.onnx", samples, in_names)
     assert table is not None and table.ops > 50
     assert not [op for op in table.cpu_ops if op.split(":")[0] in ("MatMul", "ReduceSum", "Mul", "exMatMul")], table.cpu_ops
     assert table.cpu_ops == [], table.cpu_ops
