@@ -29,6 +29,7 @@ class Unit:
     sources: list  # rwkv2rknn.model.SourceGraph, in execution order
     merged: bool = False  # the sources merged into one graph whose names are `<source>.<name>`
 
+
 def _fp32_bytes(src, float_dtype: str) -> int:
     return src.path.stat().st_size * (2 if float_dtype == "float16" else 1)
 
