@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,14 @@ def test_tokens_then_generate_ids(split, capsys):
     assert run_main([str(split), "--tokens", "1,2", "--max-tokens", "5", "--temperature", "0", "-q"]) == 0
     out = capsys.readouterr().out
     assert len(out.encode()) >= 1  # bytes tokenizer from the manifest: 5 decoded bytes
+    assert not re.fullmatch(r"(\d+ )+\n", out), out  # text, not the ids printed one by one
+
+
+def test_tokens_alone_say_what_was_fed(split, capsys):
+    assert run_main([str(split), "--tokens", "1,2", "--backend", "ort", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "fed 2 token(s); next token by argmax: " in captured.err and "--max-tokens N" in captured.err
 
 
 def test_prompt_streams_text(split, capsys):
@@ -228,6 +237,14 @@ def test_bench_json_last_line(split):
         assert key in data
     assert data["decode_ms_per_token"] > 0 and data["peak_rss_mb"] > 0
     assert set(data["segments"]) >= {"embed.s0", "head.s0"}
+
+
+def test_bench_without_decode_steps_gives_no_overhead_figure(split):
+    r = _cli(split, "--bench", "--json", "--max-tokens", "0", "--tokens", "1,2,3", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "no decode steps timed, so no overhead figure" in r.stdout and "nan" not in r.stdout.lower()
+    data = json.loads(r.stdout.strip().splitlines()[-1])  # strict JSON: no NaN
+    assert data["decode_ms_per_token"] is None and data["tokens_per_s"] is None and data["decode_tokens"] == 0
 
 
 def test_timing_off_means_plain_runner_calls(split):

@@ -174,12 +174,12 @@ def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
         logits = chain.step(int(np.argmax(logits)))
     chain.set_timing(False)
     prefill = 1e3 * (t1 - t0) / len(prompt_ids)
-    decode = 1e3 * (t2 - t1) / n_decode if n_decode else float("nan")
+    decode = 1e3 * (t2 - t1) / n_decode if n_decode else None  # None: JSON null, never NaN
     segs = {sid: {"ms": 1e3 * s / c, "calls": c} for sid, (s, c) in chain.segment_times.items() if c}
     result = {"backend": chain.backend, "prompt_tokens": len(prompt_ids), "decode_tokens": n_decode,
               "prefill_chunk": chain.chunk or None,
               "prefill_ms_per_token": prefill, "decode_ms_per_token": decode,
-              "tokens_per_s": 1e3 / decode if n_decode and decode > 0 else None,
+              "tokens_per_s": 1e3 / decode if decode else None,
               "peak_rss_mb": _peak_rss_mb(),
               "segments": {sid: round(v["ms"], 4) for sid, v in segs.items()}}
     _print_bench(result, segs)
@@ -190,18 +190,23 @@ def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
 
 def _print_bench(result: dict, segs: dict) -> None:
     total = sum(v["ms"] for v in segs.values()) or 1.0
-    how = (f"prefill plan, {result['prefill_chunk']} per call" if result.get("prefill_chunk") else "token by token")
+    chunk, n_prompt = result.get("prefill_chunk"), result["prompt_tokens"]
+    if chunk and n_prompt >= chunk:
+        rest = n_prompt % chunk
+        how = f"prefill plan, {chunk} per call" + (f", the last {rest} token by token" if rest else "")
+    else:
+        how = "token by token"
+    decode = result["decode_ms_per_token"]
+    decode_txt = (f"{decode:.2f} ms/token ({result['decode_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s)"
+                  if decode is not None else "not timed (0 tokens)")
     print(f"backend {result['backend']}: prefill {result['prefill_ms_per_token']:.2f} ms/token "
-          f"({result['prompt_tokens']} tokens, {how}), decode {result['decode_ms_per_token']:.2f} ms/token "
-          f"({result['decode_tokens']} tokens, {result['tokens_per_s'] or 0:.1f} tokens/s), "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+          f"({n_prompt} tokens, {how}), decode {decode_txt}, peak RSS {result['peak_rss_mb']:.0f} MB")
     print(f"{'segment':<24} {'ms/call':>9} {'share':>7}")
     for sid, v in segs.items():
         print(f"{sid:<24} {v['ms']:>9.4f} {100 * v['ms'] / total:>6.1f}%")
-    overhead = result["decode_ms_per_token"] - total
-    if not result["decode_tokens"]:
+    if decode is None:
         note = "no decode steps timed, so no overhead figure"
-    elif overhead < 0:  # the segment times come from a separate, timed pass: noise can exceed the overhead
+    elif (overhead := decode - total) < 0:  # the segment times come from a separate timed pass: noise can win
         note = f"overhead outside segments within timing noise ({overhead:+.3f} ms/token)"
     else:
         note = f"overhead outside segments: {overhead:.3f} ms/token"
