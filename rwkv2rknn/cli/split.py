@@ -74,12 +74,15 @@ def run(args) -> int:
             for row in rep.placement:
                 table.add_row(row["node"], row["op"], row["segment"], row["backend"], row["reason"])
             console.print(table)
-    print_summary(console, [r for r in reports if r.plan == "decode"], auto=args.policy == "auto")
+    board = data.get("board", args.board)
+    print_summary(console, [r for r in reports if r.plan == "decode"], auto=args.policy == "auto",
+                  title=f"split summary, decode plan (per token; predicted ms on board profile {board})")
     prefill = [r for r in reports if r.plan == "prefill"]
     if prefill:
         chunk = (data.get("prefill") or {}).get("chunk")
         print_summary(console, prefill, auto=args.policy == "auto",
-                      title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token)")
+                      title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token on board "
+                            f"profile {board})")
     print_prediction(console, data, args.board)
     if not args.preview:
         n_segments = sum(r.npu_segments + r.cpu_segments for r in reports)
