@@ -84,6 +84,21 @@ def test_deep_prefill_makes_one_npu_call_per_group_per_chunk(model_factory, tmp_
     assert data["prefill"]["order"][-1] == "prefill.head"  # the decode head is merged into a group
 
 
+def test_prefill_table_prices_per_prompt_token_like_the_estimate(model_factory, tmp_path):
+    """The split summary's prefill rows add up to the estimate's prefill ms/token: deep's own head runs once per
+    chunk, so it counts 1/chunk per prompt token (it was priced once per token: 1.07 against 0.8 ms)."""
+    from rwkv2rknn.cost.estimate import estimate
+    from rwkv2rknn.cost.profile import load_profile
+
+    data, reports = split_model([model_factory(layers=4, embd=128)], tmp_path / "out", policy="deep",
+                                layers_per_call=2, prefill_chunk=16, progress=False, preview=True)
+    table = sum(r.predicted_ms for r in reports if r.plan == "prefill")
+    head = [r for r in reports if r.plan == "prefill" and r.name == "prefill.head"]
+    assert head
+    want = estimate(data, load_profile(data["board"])).prefill_ms_per_token
+    assert table == pytest.approx(want, rel=0.02), (table, want)
+
+
 def test_no_prefill_plan_with_chunk_0_and_errors(model_factory, tmp_path, capsys):
     src = model_factory(layers=2, embd=64)
     data, _ = split_model([src], tmp_path / "a", prefill_chunk=0, progress=False)
