@@ -59,7 +59,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 
 # What later steps write into an output directory (build, report); theirs to replace as well.
-_LATER_OUTPUTS = ("rknn/", "report.html")
+_LATER_OUTPUTS = ("rknn/", "report.html", "build.json", "program.json")
 _MARKER_HEAD = "made by rwkv2rknn; safe to replace. Files it wrote:"
 
 

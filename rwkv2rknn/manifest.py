@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jsonschema
-
+from rwkv2rknn.artifacts import BUILD_NAME, join, load_record, record_of, split_legacy
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, write_json_atomic
 
+# 3: the plan only; what `build` makes lives in build.json beside it (rwkv2rknn/artifacts.py), the execution
+#    program in program.json (rwkv2rknn/program); boundary dtypes are the board's (fp16 at NPU segments),
+#    states may carry an fp16 `shadow`, segments `boundary_casts`.
 # 2: a graph entry may stand for several source graphs merged into one (`covers`, `sources`: the deep
-# policy); segments may carry `cost`, `compiler`, `core_mask`, `calib`. Format-1 manifests still load.
-FORMAT_VERSION = 2
+#    policy); segments may carry `cost`, `compiler`, `core_mask`, `calib`. Formats 1 and 2 still load.
+FORMAT_VERSION = 3
 # The directory `split` writes and `build` reads when the user names none.
 DEFAULT_OUT = "rwkv2rknn-out"
 MANIFEST_NAME = "manifest.json"
@@ -162,7 +164,9 @@ SCHEMA = {
 
 def _plan_graphs(data: dict) -> list[dict]:
     """The decode plan's graphs, then the prefill plan's (manifest data as loaded)."""
-    return data["graphs"] + ((data.get("prefill") or {}).get("graphs") or [])
+    from rwkv2rknn.artifacts import plan_graphs
+
+    return plan_graphs(data)
 
 
 def runs_on(seg: dict) -> str:
@@ -175,12 +179,21 @@ def tensor_spec(name: str, dtype: str, shape) -> dict:
 
 
 class Manifest:
-    """A loaded manifest: the JSON dict plus the directory its relative paths start from."""
+    """A split's plan (manifest.json) and its build record (build.json), with the directory paths start from.
 
-    def __init__(self, data: dict, path: str | Path):
+    `data` is the combined view (the plan with each segment's build results in it: what the cost model, the
+    report and the build read); `plan` and `record` are the two files as they are. `save()` (the build's) writes
+    the record and the program, never the plan (a format-2 manifest is rewritten once as format 3).
+    """
+
+    def __init__(self, data: dict, path: str | Path, plan: dict | None = None, record: dict | None = None,
+                 legacy: bool = False):
         self.data = data
         self.path = Path(path)
         self.root = self.path.parent
+        self.plan = plan if plan is not None else data
+        self.record = record
+        self.legacy = legacy
 
     # -- access ---------------------------------------------------------------------------------
     @property
@@ -216,10 +229,37 @@ class Manifest:
     def relative(self, path: str | Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
+    def current_record(self) -> dict | None:
+        """The build record as the combined view now holds it (None before any build)."""
+        if self.record is None and "build" not in self.data:
+            return None
+        return record_of(self.data, self.plan)
+
+    def program(self):
+        """The execution program of the plan and the current build record (rwkv2rknn/program)."""
+        from rwkv2rknn import __version__
+        from rwkv2rknn.program.lower import lower
+        from rwkv2rknn.run.source import source_hashes
+
+        return lower(self.plan, self.current_record(), producer=f"rwkv2rknn {__version__}",
+                     source=source_hashes(self.root))
+
     # -- io -------------------------------------------------------------------------------------
     def save(self) -> None:
+        """Write the build record (and, once, a format-2 manifest's plan as format 3), then the program."""
+        from rwkv2rknn.program import PROGRAM_NAME, save as save_program
+
         validate(self.data, self.path)
-        write_json_atomic(self.path, self.data)
+        if self.legacy:
+            validate(self.plan, self.path)
+            write_json_atomic(self.path, self.plan)
+            self.legacy = False
+        record = self.current_record()
+        if record is not None:
+            record["manifest_sha256"] = sha256_file(self.path)
+            write_json_atomic(self.root / BUILD_NAME, record)
+            self.record = record
+        save_program(self.program(), self.root / PROGRAM_NAME)
 
     @classmethod
     def load(cls, path: str | Path, check_files: bool = True) -> Manifest:
@@ -244,7 +284,18 @@ class Manifest:
                 f"understands ({FORMAT_VERSION}); upgrade rwkv2rknn or split again with this version"
             )
         validate(data, path)
-        m = cls(data, path)
+        legacy = data["format_version"] < 3
+        if legacy:
+            plan, record = split_legacy(data)
+        else:
+            plan = data
+            try:
+                record = load_record(path.parent)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        joined = join(plan, record)
+        validate(joined, path)
+        m = cls(joined, path, plan, record, legacy)
         if check_files:
             m.check_files()
         return m
@@ -272,13 +323,15 @@ _VALIDATOR = None
 
 def validate(data: dict, path: str | Path = "manifest") -> None:
     global _VALIDATOR
+    import jsonschema
+
     if _VALIDATOR is None:  # checking the schema itself costs more than a manifest: do it once
         cls = jsonschema.validators.validator_for(SCHEMA)
         cls.check_schema(SCHEMA)
         _VALIDATOR = cls(SCHEMA)
     try:
         _VALIDATOR.validate(data)
-    except jsonschema.ValidationError as exc:
+    except jsonschema.ValidationError as exc:  # noqa: F821 (imported above, lazily)
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise UserError(f"{path}: invalid manifest at {where}: {exc.message}; rerun `rwkv2rknn split`") from None
     ids = [s["id"] for g in _plan_graphs(data) for s in g["segments"]]

@@ -34,6 +34,29 @@ def hand_offs(model: RwkvModel, unit_of: dict[str, Unit], last_into_head: bool =
     return out
 
 
+FP16_SUFFIX = "@fp16"  # passes.boundary's name for the fp16 copy of an fp32 buffer an NPU segment reads
+
+
+def fp16_links(links: list[dict], entries: list[dict]) -> list[dict]:
+    """Links plus one per graph input `<name>@fp16` (an NPU segment reading the fp16 copy of what the link carries):
+    the same source; the program converts it once where the link's writer gives fp32."""
+    inputs = {(e["name"], t["name"]) for e in entries for t in e["inputs"]}
+    out = list(links)
+    for link in links:
+        to = link["to"]
+        if (to["graph"], to["name"] + FP16_SUFFIX) in inputs:
+            out.append({**link, "to": {"graph": to["graph"], "name": to["name"] + FP16_SUFFIX}})
+    return out
+
+
+def state_shadow(entries: list[dict], graph: str, state_input: str) -> dict | None:
+    """{input, output, dtype}: the fp16 copy of an fp32 state that an NPU segment reads, written by its update."""
+    for e in entries:
+        if e["name"] == graph and state_input in (e.get("state_shadows") or {}):
+            return {**e["state_shadows"][state_input], "dtype": "float16"}
+    return None
+
+
 def input_dtypes(entries: list[dict]) -> dict[str, str]:
     """Graph input name -> dtype over a plan's graph entries (a state kept fp16 by the NPU is float16)."""
     return {t["name"]: t["dtype"] for e in entries for t in e["inputs"]}
@@ -50,13 +73,14 @@ def model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    links = hand_offs(model, unit_of)
+    links = fp16_links(hand_offs(model, unit_of), entries)
 
     # A family's fp32-only initial rows (RWKV-4's pp = -1e30 overflows float16) apply only while the state
     # stays fp32 on the CPU; at 0 instead the outputs are the same because aa = bb = 0 at the start.
-    def init_rows(graph: str, spec) -> dict:
+    def init_rows(graph: str, spec, dtype: str) -> dict:
         unit = unit_of[graph].name
-        fp32_recurrence = model.float_dtype == "float32" and not (policies.get(graph_policy[unit]).npu_all or npu_all)
+        fp32_recurrence = (model.float_dtype == "float32" and dtype == "float32"
+                           and not (policies.get(graph_policy[unit]).npu_all or npu_all))
         return {str(r): v for r, v in spec.rows_fp32.items()} if fp32_recurrence else {}
 
     state = []
@@ -64,10 +88,14 @@ def model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all
         g = f"mixing_{i}"
         for spec in model.family.states:
             r_in, r_out = ref(g, spec.input), ref(g, spec.output)
-            state.append({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
-                          "shape": list(model.state_shapes[spec.input]),
-                          "dtype": state_dtype.get(r_in["name"], "float32"),
-                          "init": {"fill": 0.0, "rows": init_rows(g, spec)}})
+            dtype = state_dtype.get(r_in["name"], "float32")
+            st = {"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                  "shape": list(model.state_shapes[spec.input]), "dtype": dtype,
+                  "init": {"fill": 0.0, "rows": init_rows(g, spec, dtype)}}
+            shadow = state_shadow(entries, r_in["graph"], r_in["name"])
+            if shadow is not None:
+                st["shadow"] = shadow
+            state.append(st)
     return {"family": model.family.name, "n_layer": model.n_layer, "n_embd": model.n_embd,
             "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),

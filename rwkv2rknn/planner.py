@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from passes.cut import extract_segments
+from passes.boundary import BoundaryResult, board_boundaries
+from passes.cut import TensorInfo, extract_segments
 from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
 from passes.partition import propose_segments
@@ -32,6 +33,7 @@ class GraphPlan:
     features: list   # per cut: rwkv2rknn.cost.features.segment_features
     prices: list     # per cut: SegmentPrice (one call)
     notes: list = ()  # legalization notes (deep): what was rewritten, what was left alone and why
+    boundary: BoundaryResult | None = None  # the board dtypes of the cut's boundaries (None: fp32 boundaries)
 
     @property
     def ms(self) -> float:
@@ -41,11 +43,33 @@ class GraphPlan:
 STATE_UPDATE_REASON = ("{op}: updates the recurrent state: kept fp32 on the CPU (the NPU reads an fp16 copy of the "
                        "exact state each token; an fp16 update would drift)")
 STATE_UPDATES = ("cpu", "npu")
+NPU_IO = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    """How a graph's cut meets its neighbours on the board (passes/boundary.py).
+
+    npu_io "float16": NPU segments read and write fp16, CPU segments convert inside their graphs; "float32":
+    every boundary as the source graph declares it (the runtime of the board converts at each NPU call).
+    input_dtypes: the buffer dtype behind each graph input fed from another graph (its writer decides).
+    fixed: graph inputs/outputs whose declared dtype a user feeds or reads (a single-graph split's boundary).
+    """
+
+    npu_io: str = "float16"
+    input_dtypes: dict | None = None
+    fixed: frozenset = frozenset()
+
+
+def _infos(tensors) -> list[TensorInfo]:
+    import numpy as np
+
+    return [TensorInfo(t.name, np.dtype(t.dtype).name, list(t.shape)) for t in tensors]
 
 
 def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile,
                state_pairs: list[tuple[str, str]] = (), state_update: str = "cpu",
-               recurrent: dict | None = None) -> GraphPlan:
+               recurrent: dict | None = None, boundaries: Boundaries = Boundaries()) -> GraphPlan:
     """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut.
 
     deep: the graph is legalized (ops the compiler would run on its CPU rewritten), every node may go to
@@ -72,15 +96,22 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
         placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
     segments = propose_segments(graph, placement, policy=pol.segmenter)
     cuts = extract_segments(graph, segments)
+    boundary = None
+    if boundaries.npu_io == "float16":
+        boundary = board_boundaries(cuts, _infos(graph.inputs), _infos(graph.outputs), boundaries.input_dtypes,
+                                    state_pairs, boundaries.fixed)
+        cuts = boundary.cuts
     features = [segment_features(c.model, c.backend) for c in cuts]
     # one call of each segment, over the tokens it processes (M for a graph batched over M tokens)
     prices: list[SegmentPrice] = [price_segment(f, profile, c.backend, f.get("rows", 1)) for f, c in zip(features, cuts)]
-    return GraphPlan(policy, placement, segments, cuts, features, prices, notes)
+    return GraphPlan(policy, placement, segments, cuts, features, prices, notes, boundary)
 
 
-def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile) -> tuple[GraphPlan, dict]:
+def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile, state_pairs=(),
+                boundaries: Boundaries = Boundaries()) -> tuple[GraphPlan, dict]:
     """`auto`: every concrete policy's plan, the cheapest kept; (plan, the manifest's `auto` record)."""
-    plans = [plan_graph(graph, p.name, target, npu_all, profile) for p in policies.concrete() if not p.groups_layers]
+    plans = [plan_graph(graph, p.name, target, npu_all, profile, state_pairs, boundaries=boundaries)
+             for p in policies.concrete() if not p.groups_layers]
     ranked = sorted(plans, key=lambda p: (p.ms, p.policy))
     best = ranked[0]
     record = {"chosen": best.policy, "predicted_ms": round(best.ms, 4), "board": profile.name,

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from passes.batch import batch_tokens
 from passes.state_rule import recurrent_rows
 from rwkv2rknn.deep import Unit, tensor_ref
-from rwkv2rknn.model_loop import hand_offs, input_dtypes
+from rwkv2rknn.model_loop import fp16_links, hand_offs, input_dtypes, state_shadow
 
 DEFAULT_CHUNK = 16
 MAX_PREFILL_CHUNK = 256  # tokens per prefill call: the batched graph unrolls the recurrence once per token
@@ -41,7 +41,7 @@ def batched(graph: gs.Graph, chunk: int, state_pairs: list[tuple[str, str]]) -> 
 
 
 def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, entries: list[dict],
-                 chunk: int) -> dict:
+                 chunk: int, decode_entries: list[dict] = ()) -> dict:
     """The prefill plan's part of the manifest: chunk, graph order, links, state (in the decode plan's order)."""
     unit_of = {src.name: u for u in units for src in u.sources}
     unit_of["head"] = head_unit
@@ -49,14 +49,20 @@ def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, e
     def ref(graph: str, tensor: str) -> dict:
         return tensor_ref(unit_of[graph], graph, tensor)
 
-    links = hand_offs(model, unit_of, last_into_head=True)
+    # the head the prefill plan shares with the decode plan is a decode-plan entry
+    links = fp16_links(hand_offs(model, unit_of, last_into_head=True), list(entries) + list(decode_entries))
     dtypes = input_dtypes(entries)
     state = []
     specs = [(f"mixing_{i}", spec) for i in range(model.n_layer) for spec in model.family.states]
     for (g, spec), st in zip(specs, decode_loop["state"]):  # the decode plan's order
         r_in, r_out = ref(g, spec.input), ref(g, spec.output)
-        state.append({**st, "graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
-                      "dtype": dtypes.get(r_in["name"], st["dtype"])})
+        item = {k: v for k, v in st.items() if k != "shadow"}
+        item.update({"graph": r_in["graph"], "input": r_in["name"], "output": r_out["name"],
+                     "dtype": dtypes.get(r_in["name"], st["dtype"])})
+        shadow = state_shadow(entries, r_in["graph"], r_in["name"])
+        if shadow is not None:
+            item["shadow"] = shadow
+        state.append(item)
     return {"chunk": chunk, "order": [u.name for u in units] + [head_unit.name],
             "token_input": ref("embed", "token"), "logits": ref("head", "output"),
             "links": links, "state": state}

@@ -7,11 +7,13 @@ import html
 from rwkv2rknn.cost.estimate import CATEGORIES, Estimate
 from rwkv2rknn.cost.estimate import verdict as versus_cpu
 
-CATEGORY_COLORS = {"npu_stream": "#2e7d32", "npu_compute": "#66bb6a", "npu_call": "#f9a825",
-                   "conversion": "#ef6c00", "hops": "#c62828", "cpu_compute": "#1565c0", "cpu_call": "#90caf9"}
+CATEGORY_COLORS = {"npu_stream": "#2e7d32", "npu_compute": "#66bb6a", "npu_call": "#f9a825", "io_copy": "#8d6e63",
+                   "conversion": "#ef6c00", "hops": "#c62828", "cpu_compute": "#1565c0", "cpu_call": "#90caf9",
+                   "overlap": "#bdbdbd"}
 CATEGORY_LABELS = {"npu_stream": "NPU weight streaming", "npu_compute": "NPU compute", "npu_call": "NPU call cost",
-                   "conversion": "fp32<->fp16 conversion", "hops": "CPU hops inside NPU models",
-                   "cpu_compute": "CPU (onnxruntime) compute", "cpu_call": "CPU call cost"}
+                   "io_copy": "NPU input/output copies", "conversion": "fp32<->fp16 conversion",
+                   "hops": "CPU hops inside NPU models", "cpu_compute": "CPU (onnxruntime) compute",
+                   "cpu_call": "CPU call cost", "overlap": "saved by overlapping CPU and NPU steps (negative)"}
 BAR_W, BAR_H, LABEL_W = 760, 18, 170
 
 

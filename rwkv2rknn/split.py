@@ -25,7 +25,7 @@ from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tenso
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
 from rwkv2rknn.model_loop import model_loop
-from rwkv2rknn.planner import STATE_UPDATES, choose_plan, plan_graph
+from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, choose_plan, plan_graph
 from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
 
@@ -116,20 +116,31 @@ def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
 
 
 def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pairs, state_update: str,
-          recurrent: dict | None, where) -> tuple:
+          recurrent: dict | None, where, boundaries: Boundaries) -> tuple:
     try:
         if policy == "auto":
-            return choose_plan(graph, target, npu_all, profile)
-        return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent), None
+            return choose_plan(graph, target, npu_all, profile, pairs, boundaries)
+        return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent, boundaries), None
     except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
         raise UserError(f"{where}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
 
 
+def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes) -> Boundaries:
+    """A whole model's graphs meet through links and states; a single graph's boundary is its user's (fixed)."""
+    if model is None:
+        return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs))
+    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None)
+
+
 def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
                 root: Path | None, profile, model: RwkvModel | None, state_update: str,
-                prefill: Unit | None = None, chunk: int = 0) -> list[tuple[dict, GraphReport]]:
-    """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart."""
+                prefill: Unit | None = None, chunk: int = 0, npu_io: str = "float16",
+                link_dtypes=None, prefill_link_dtypes=None) -> list[tuple[dict, GraphReport]]:
+    """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart.
+
+    link_dtypes(unit) / prefill_link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs
+    from graphs already split (their writers decide: fp16 from an NPU segment)."""
     where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
     graph = _unit_graph(unit, shapes, model)
     if policies.get(policy).groups_layers and not unit.merged:
@@ -143,11 +154,12 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
         except ValueError as exc:
             raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
                             "--prefill-chunk 0 (no prefill plan)") from None
-    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where)
+    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where,
+                       _boundaries(unit, graph, model, npu_io, link_dtypes))
     out = [_entry(unit, graph, plan, seg_dir, root, state_update, auto)]
     if batched is not None:
         pplan, pauto = _plan(batched, policy, target, npu_all, profile, _state_pairs(prefill, model), state_update,
-                             rows, where)
+                             rows, where, _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes))
         out.append(_entry(prefill, batched, pplan, seg_dir, root, state_update, pauto, tokens=chunk))
     return out
 
@@ -176,6 +188,9 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         entry = {"id": sid, "backend": cut.backend, "onnx": f"segments/{sid}.onnx",
                  "inputs": _io_specs(cut.inputs), "outputs": _io_specs(cut.outputs),
                  "nodes": cut.nodes, "matmul_flops": int(cut.matmul_flops), "cost": plan.features[i]}
+        if plan.boundary is not None and plan.boundary.casts[i]:  # conversions inside this CPU segment's graph
+            entry["boundary_casts"] = [{"tensor": t, "to": "float16" if d == "to_fp16" else "float32",
+                                        "elements": int(n)} for t, d, n in plan.boundary.casts[i]]
         if plan.prices[i].core_mask is not None:  # the board runner's default, from the prediction
             entry["core_mask"] = plan.prices[i].core_mask
         if seg_dir is not None:
@@ -187,8 +202,11 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
                 "path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),
                 "sha256": sha256_file(src.path), "dtype": _source_float_dtype(src.model)} for src in unit.sources]
     entry = {"name": unit.name, "policy": policy,
-             "inputs": _io_specs(graph.inputs), "outputs": _io_specs(graph.outputs),
+             "inputs": _graph_io(graph.inputs, plan.boundary, "input"),
+             "outputs": _graph_io(graph.outputs, plan.boundary, "output"),
              "segments": seg_entries, "placement": report.placement}
+    if plan.boundary is not None and plan.boundary.shadows:
+        entry["state_shadows"] = {i: {"input": si, "output": so} for i, (si, so) in plan.boundary.shadows.items()}
     if unit.merged or tokens > 1:
         entry["covers"] = [src.name for src in unit.sources]
         entry["sources"] = sources
@@ -203,6 +221,35 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
     if auto is not None:
         entry["auto"] = auto
     return entry, report
+
+
+def _graph_io(tensors, boundary, side: str) -> list[dict]:
+    """A graph entry's inputs or outputs with their board dtypes, and the fp16 copies the boundary added."""
+    specs = _io_specs(tensors)
+    if boundary is None:
+        return specs
+    dtypes = boundary.input_dtypes if side == "input" else boundary.output_dtypes
+    shape = {t["name"]: t["shape"] for t in specs}
+    out = [dict(t, dtype=dtypes.get(t["name"], t["dtype"])) for t in specs]
+    from passes.boundary import FP16_SUFFIX
+
+    for name, dt in dtypes.items():
+        if name not in shape and name.endswith(FP16_SUFFIX) and name[:-len(FP16_SUFFIX)] in shape:
+            out.append(tensor_spec(name, dt, shape[name[:-len(FP16_SUFFIX)]]))
+    return out
+
+
+def _write_program(data: dict, stage: Path) -> None:
+    """OUT/program.json: the plan lowered to the execution program the runtime executes (no build yet)."""
+    from rwkv2rknn.program import PROGRAM_NAME, save
+    from rwkv2rknn.program.lower import LoweringError, lower
+    from rwkv2rknn.run.source import source_hashes
+
+    try:
+        program = lower(data, None, producer=f"rwkv2rknn {__version__}", source=source_hashes(stage))
+    except LoweringError as exc:  # a plan the runtime could not execute is a bug of the split, not the user's
+        raise RuntimeError(f"the split's plan does not lower to a program: {exc}") from exc
+    save(program, stage / PROGRAM_NAME)
 
 
 def _moved_reason(node, seg, policy: str) -> str:
@@ -262,7 +309,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 force: bool = False, preview: bool = False, progress: bool = True,
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
                 state_update: str = "cpu", prefill_chunk: int | None = None,
-                _record: dict | None = None) -> tuple[dict, list[GraphReport]]:
+                _record: dict | None = None, npu_io: str = "float16") -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
@@ -272,17 +319,21 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     auto on a whole model: the cheaper (predicted) of per-graph auto and deep, recorded as the manifest's `auto`.
     prefill_chunk: M prompt tokens per call in a prefill plan beside the decode plan (whole models; default
     16, 0 for none); its graph entries are named prefill.<graph>.
+    npu_io: "float16" (default) NPU segments read and write fp16 buffers and CPU segments convert inside their own
+    graphs (passes/boundary.py); "float32" keeps every boundary fp32 (exact on onnxruntime; the board converts).
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
         return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
                            preview=preview, progress=progress, board=board, state_update=state_update,
-                           prefill_chunk=prefill_chunk)
+                           prefill_chunk=prefill_chunk, npu_io=npu_io)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
         raise UserError(f"--state-update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
+    if npu_io not in NPU_IO:
+        raise UserError(f"--npu-io {npu_io!r}: choose one of {', '.join(NPU_IO)}")
     grouped = policies.get(policy).groups_layers
     if layers_per_call is not None and not grouped:
         merging = ", ".join(p.name for p in policies.concrete() if p.groups_layers)
@@ -316,6 +367,27 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                leave=False)
     entries, reports, pre_entries = [], [], []
     source_inputs: set[str] = set()
+    written: dict[tuple[str, str], str] = {}  # (graph entry, output) -> the dtype of its buffer on the board
+    dec_of = {src.name: u for u in work for src in u.sources}
+    pre_of_src = {src.name: u for u in pre_units for src in u.sources}
+    if chunk:
+        pre_of_src["head"] = own_head or dec_of["head"]
+
+    def link_dtypes(of: dict):
+        def dtypes(unit: Unit) -> dict:
+            names = {s.name for s in unit.sources}
+            out = {}
+            for a, o, b, i in model.family.links(model.n_layer):
+                if b in names and a in of and of[a] is not unit:
+                    src, dst = tensor_ref(of[a], a, o), tensor_ref(unit, b, i)
+                    if (src["graph"], src["name"]) in written:
+                        out[dst["name"]] = written[(src["graph"], src["name"])]
+            return out
+        return dtypes
+
+    def record(entry: dict) -> None:
+        for t in entry["outputs"]:
+            written[(entry["name"], t["name"])] = t["dtype"]
 
     def run(stage: Path | None):
         seg_dir = None
@@ -325,11 +397,16 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         root = out_dir if stage is not None else None
         for unit in bar:
             bar.set_postfix_str(unit.name)
+            links = dict(npu_io=npu_io, link_dtypes=link_dtypes(dec_of) if model else None,
+                         prefill_link_dtypes=link_dtypes(pre_of_src) if model and chunk else None)
             (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                                state_update, pre_of.get(unit.name), chunk)
+                                                state_update, pre_of.get(unit.name), chunk, **links)
+            record(entry)
+            for e, _ in pre:
+                record(e)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
                 head_pre = _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                       state_update)
+                                       state_update, npu_io=npu_io, link_dtypes=link_dtypes(pre_of_src))
                 for _, r in head_pre:
                     r.predicted_ms /= chunk  # one call per chunk of prompt tokens
                 pre += head_pre
@@ -354,7 +431,8 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 "graphs": entries, "model": loop, **(_record or {})}
         if pre_entries:
             head = own_head or next(u for u in work if u.name == "head")
-            data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk), "graphs": pre_entries}
+            data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk, entries),
+                               "graphs": pre_entries}
         return data
 
     if preview:
@@ -368,4 +446,5 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 shutil.copyfile(model.tokenizer_file, stage / "tokenizer.json")
             validate(data, out_dir / MANIFEST_NAME)
             write_json_atomic(stage / MANIFEST_NAME, data)
+            _write_program(data, stage)
     return data, reports

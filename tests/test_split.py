@@ -15,7 +15,8 @@ import pytest
 
 from rwkv2rknn.cli import main as cli_main
 from rwkv2rknn.manifest import Manifest
-from rwkv2rknn.run.chain import Chain, random_feed
+from rwkv2rknn.build.trace import random_feed
+from rwkv2rknn.run.chain import Chain
 from rwkv2rknn.split import split_model
 
 
@@ -62,7 +63,9 @@ def _assert_chain_matches_sources(out: Path, n_feeds: int = 3) -> None:
 def test_split_model_reproduces_every_graph(model_factory, tmp_path, dtype, policy):
     # 128 wide: at 64 the att MatMuls are too small to pay for an NPU call and fold back to the CPU
     model = model_factory(dtype=dtype, embd=128)
-    data, reports = split_model([model], tmp_path / "out", policy=policy, progress=False)
+    # fp32 boundaries: the cut alone, exact (the board's fp16 boundaries: tests/passes/test_passes_boundary.py
+    # and the whole-model checks)
+    data, reports = split_model([model], tmp_path / "out", policy=policy, progress=False, npu_io="float32")
     assert [g["name"] for g in data["graphs"]] == ["embed", "mixing_0", "mixing_1", "head"]
     _assert_chain_matches_sources(tmp_path / "out")
     mixing = [r for r in reports if r.name.startswith("mixing")]
@@ -79,18 +82,24 @@ def test_split_model_reproduces_every_graph(model_factory, tmp_path, dtype, poli
 
 def test_weights_as_initializers_split_the_same(model_factory, tmp_path):
     model = model_factory(weights_as="initializers")
-    split_model([model], tmp_path / "out", progress=False)
+    split_model([model], tmp_path / "out", progress=False, npu_io="float32")
     _assert_chain_matches_sources(tmp_path / "out")
 
 
 def test_manifest_contract(tiny_fp16, tmp_path):
     data, _ = split_model([tiny_fp16], tmp_path / "out", progress=False)
-    assert data["format_version"] == 2 and data["target"] == "rk3588"
+    assert data["format_version"] == 3 and data["target"] == "rk3588"
     m = data["model"]
     assert m["vocab_size"] == 256 and m["n_layer"] == 2 and m["n_embd"] == 64 and m["tokenizer"] == "bytes"
     assert m["token_input"] == {"graph": "embed", "name": "token"}
-    assert [(ln["from"]["graph"], ln["to"]["graph"]) for ln in m["links"]] == [
+    links = [ln for ln in m["links"] if not ln["to"]["name"].endswith("@fp16")]
+    assert [(ln["from"]["graph"], ln["to"]["graph"]) for ln in links] == [
         ("embed", "mixing_0"), ("mixing_0", "mixing_1"), ("mixing_1", "head")]
+    # an fp16 copy a graph reads (its NPU segment's input) is linked from the same source
+    for ln in m["links"]:
+        if ln["to"]["name"].endswith("@fp16"):
+            base = {**ln["to"], "name": ln["to"]["name"][:-len("@fp16")]}
+            assert any(x["from"] == ln["from"] and x["to"] == base for x in links)
     assert [s["graph"] for s in m["state"]] == ["mixing_0", "mixing_1"]
     # fp16 sources start pp at 0: -1e30 does not survive float16 (shared/docs/llama-onnx-rwkv4.md)
     assert m["state"][0]["init"] == {"fill": 0.0, "rows": {}}
@@ -100,12 +109,15 @@ def test_manifest_contract(tiny_fp16, tmp_path):
         # the first segment reads the graph's own input names, the graph outputs come out by name
         produced = {t["name"] for s in segs for t in s["outputs"]}
         assert {t["name"] for t in g["outputs"]} <= produced
-        assert all(t["dtype"] in ("float32", "int32", "int64") for s in segs for t in s["inputs"] + s["outputs"])
-        for s in segs:
+        assert all(t["dtype"] in ("float32", "float16", "int32", "int64") for s in segs
+                   for t in s["inputs"] + s["outputs"])
+        for s in segs:  # the board's dtypes: an NPU segment reads and writes fp16 only
+            if s["backend"] == "npu":
+                assert {t["dtype"] for t in s["inputs"] + s["outputs"]} == {"float16"}
             onnx.checker.check_model(onnx.load(str(tmp_path / "out" / s["onnx"])))
     mixing = data["graphs"][1]
-    assert {t["name"] for t in mixing["inputs"]} == {"input", "state_in"}
-    assert mixing["inputs"][0]["dtype"] == "float32"  # fp16 folding is off
+    assert {"input", "state_in"} <= {t["name"] for t in mixing["inputs"]}
+    assert {t["name"]: t["dtype"] for t in mixing["inputs"]}["state_in"] == "float32"  # fp16 folding is off
 
 
 def test_fp32_source_starts_pp_at_minus_1e30(tiny_fp32, tmp_path):
@@ -115,7 +127,7 @@ def test_fp32_source_starts_pp_at_minus_1e30(tiny_fp32, tmp_path):
 
 def test_single_file_split_and_default_out(tiny_fp16, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["split", str(tiny_fp16 / "mixing_0.onnx"), "-q"]) == 0
+    assert cli_main(["split", str(tiny_fp16 / "mixing_0.onnx"), "-q", "--npu-io", "float32"]) == 0
     data = json.loads((tmp_path / "rwkv2rknn-out" / "manifest.json").read_text())
     assert data["model"] is None and [g["name"] for g in data["graphs"]] == ["mixing_0"]
     _assert_chain_matches_sources(tmp_path / "rwkv2rknn-out")

@@ -43,7 +43,7 @@ def trace(manifest: Manifest, ids: list[int] | None, n_tokens: int, seed: int) -
     With `ids`, whole models are fed those tokens; otherwise `n_tokens` random ones.
     """
     try:
-        from rwkv2rknn.run.chain import record_inputs, trace_segment_inputs
+        from rwkv2rknn.build.trace import record_inputs, trace_segment_inputs
     except ImportError:
         return None
     try:

@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from rwkv2rknn.artifacts import SEGMENT_KEYS
 from rwkv2rknn.build.inputs import derive_samples, say
 from rwkv2rknn.compile_worker import BUILD_MARKER, save_samples, write_dataset
 from rwkv2rknn.fsio import sha256_file
@@ -25,9 +26,9 @@ from rwkv2rknn.manifest import Manifest
 from rwkv2rknn.numerics import WARN_REL_L2
 
 _MATMUL_OPS = ("MatMul", "Gemm", "Conv")
-# Entry keys a build writes; a rebuild clears them first so no entry names a file being replaced.
-BUILD_KEYS = ("rknn", "rknn_sha256", "toolkit", "precision", "precision_reason", "verify", "build_key",
-              "fallback_reason", "calib", "calib_sha256", "compiler")
+# Entry keys a build writes (into build.json, rwkv2rknn/artifacts.py); a rebuild clears them first so no entry
+# names a file being replaced.
+BUILD_KEYS = SEGMENT_KEYS
 
 
 def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sha: str | None,
@@ -281,6 +282,7 @@ class Builder:
                         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in cut.inputs],
                         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in cut.outputs],
                         "nodes": cut.nodes, "matmul_flops": int(cut.matmul_flops),
+                        "node_names": [n.name for n in cut.model.graph.node],
                         "bisected_from": entry.get("bisected_from", entry["id"]),
                         "bisect_reason": reason})
             pieces.append((new, cut))

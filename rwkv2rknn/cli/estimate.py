@@ -8,8 +8,9 @@ import sys
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME
 from rwkv2rknn.cli import console as make_console
 
-_SHORT = {"npu_stream": "NPU stream", "npu_compute": "NPU compute", "npu_call": "NPU calls",
-          "conversion": "fp32<->fp16", "hops": "CPU hops", "cpu_compute": "CPU compute", "cpu_call": "CPU calls"}
+_SHORT = {"npu_stream": "NPU stream", "npu_compute": "NPU compute", "npu_call": "NPU calls", "io_copy": "NPU I/O copies",
+          "conversion": "fp32<->fp16", "hops": "CPU hops", "cpu_compute": "CPU compute", "cpu_call": "CPU calls",
+          "overlap": "overlap (saved)"}
 
 
 def register(sub) -> None:
@@ -25,8 +26,10 @@ def register(sub) -> None:
     p.add_argument("out", nargs="?", default=DEFAULT_OUT, metavar="OUT",
                    help=f"split/build output directory, or its {MANIFEST_NAME} (default: {DEFAULT_OUT})")
     p.add_argument("--board", default="rk3588", metavar="NAME|FILE",
-                   help="board profile: rk3588 (default; SDK 2.x), rk3588-2023 (SDK 1.5.2, the 2023 attempt), "
-                   "or a .toml file, e.g. one written by board calibration")
+                   help="board profile: rk3588 (default; SDK 2.x through Python RKNNLite), rk3588-c (SDK 2.x through "
+                   "librknnrt's C API, buffers bound once: `run --backend rknn-c`), rk3588-2023 (SDK 1.5.2, the 2023 "
+                   "attempt), or a .toml file, e.g. one written by board calibration. Both runtimes' totals are "
+                   "printed side by side whichever is named")
     p.add_argument("--tokens-per-call", type=int, default=1, metavar="T",
                    help="price the plan as if every call processed T tokens (default 1: decode)")
     p.add_argument("--segments", action="store_true", help="also print every segment")
@@ -62,17 +65,71 @@ def run(args) -> int:
 
     if args.tokens_per_call < 1:
         raise UserError(f"--tokens-per-call {args.tokens_per_call}: must be at least 1")
+    from rwkv2rknn.cost.estimate import program_of
+
     profile = load_profile(args.board)
     manifest = Manifest.load(args.out, check_files=False)
     data, computed = with_features(manifest.data, _loader(manifest))
-    est = estimate(data, profile, args.tokens_per_call)
+    program = program_of(data)
+    est = estimate(data, profile, args.tokens_per_call, program=program)
     cpu = estimate(data, profile, args.tokens_per_call, all_cpu=True)
     result = summary(est, cpu, manifest, computed)
+    result["conversion"] = conversion_summary(program, profile)
+    result["runtimes"] = runtimes(data, program, args.tokens_per_call, profile)
     if args.json:
         print(json.dumps(result))
         return 0
     print_tables(est, cpu, result, profile, args.segments)
+    print_runtimes(result["runtimes"])
     return 0
+
+
+RUNTIME_PROFILES = {"rk3588": "Python RKNNLite (copies each call's inputs and outputs)",
+                    "rk3588-c": "librknnrt C API (buffers bound once, zero copy)"}
+
+
+def runtimes(data: dict, program, tokens_per_call: int, named) -> dict:
+    """The same plan priced on each runtime's profile (and the named one): decode and prefill ms per token."""
+    from rwkv2rknn.cost.estimate import estimate
+    from rwkv2rknn.cost.profile import load_profile
+
+    out = {}
+    for name in list(RUNTIME_PROFILES) + ([named.name] if named.name not in RUNTIME_PROFILES else []):
+        prof = named if name == named.name else load_profile(name)
+        e = estimate(data, prof, tokens_per_call, program=program)
+        out[name] = {"runtime": RUNTIME_PROFILES.get(name, str(prof.path)), "decode_ms_per_token": e.decode_ms_per_token,
+                     "prefill_ms_per_token": e.prefill_ms_per_token, "conversion_ms_per_token": e.breakdown["conversion"],
+                     "io_copy_ms_per_token": e.breakdown["io_copy"], "overlap_ms_per_token": e.breakdown["overlap"],
+                     "predicted": True}
+    return out
+
+
+def conversion_summary(program, profile) -> dict | None:
+    """The program's conversions per decoded token (fp32-side bytes) and the profile's price of them."""
+    if program is None:
+        return None
+    plan = program.decode
+    cpu = sum(c["bytes"] for c in plan.conversions if c.get("kind") != "npu_runtime") / plan.tokens
+    npu = sum(c["bytes"] for c in plan.conversions if c.get("kind") == "npu_runtime") / plan.tokens
+    return {"converted_bytes_per_token": cpu + npu, "cpu_bytes_per_token": cpu, "npu_runtime_bytes_per_token": npu,
+            "cpu_convert_ns_per_byte": profile.cpu_convert_ns_per_byte,
+            "npu_runtime_ns_per_byte": profile.conv_in_ns_per_byte,
+            "ms_per_token": (cpu * profile.cpu_convert_ns_per_byte + npu * profile.conv_in_ns_per_byte) * 1e-6}
+
+
+def print_runtimes(rt: dict) -> None:
+    from rich.table import Table
+
+    console = make_console()
+    table = Table(title="the same plan on each NPU runtime, ms per token: PREDICTED (board profiles, not measured)",
+                  title_justify="left")
+    for col in ("board profile", "runtime", "decode", "prefill", "conversion", "I/O copies", "overlap"):
+        table.add_column(col, justify="left" if col in ("board profile", "runtime") else "right", no_wrap=True)
+    for name, r in rt.items():
+        table.add_row(name, r["runtime"], f"{r['decode_ms_per_token']:.2f}", f"{r['prefill_ms_per_token']:.2f}",
+                      f"{r['conversion_ms_per_token']:.2f}", f"{r['io_copy_ms_per_token']:.2f}",
+                      f"{r['overlap_ms_per_token']:.2f}")
+    console.print(table)
 
 
 def summary(est, cpu, manifest, computed: int) -> dict:

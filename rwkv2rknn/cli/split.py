@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--policy", default="fused", choices=policies.names(), help=policies.help_text())
     p.add_argument("--target", default="rk3588", help="rknn-toolkit2 target platform (default: rk3588)")
     p.add_argument("--board", default="rk3588", metavar="NAME|FILE",
-                   help="board profile the predicted times (and --policy auto) use: rk3588 (default), rk3588-2023, "
-                   "or a .toml file (e.g. from board calibration)")
+                   help="board profile the predicted times (and --policy auto) use: rk3588 (default; Python RKNNLite), "
+                   "rk3588-c (librknnrt's C API), rk3588-2023, or a .toml file (e.g. from board calibration)")
     p.add_argument("--layers-per-call", type=int, default=None, metavar="K",
                    help="deep: layers merged into one NPU model (default: as many as a 448 MiB fp32 budget allows, "
                    "balanced; the head joins the last group when it fits)")
@@ -41,6 +41,11 @@ def register(sub) -> None:
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
                    "default 16; 0: no prefill plan; at most 256). The NPU is 10-50x faster per token at M >= 16 "
                    "than at M = 1")
+    p.add_argument("--npu-io", default="float16", choices=["float16", "float32"],
+                   help="dtype of the buffers at NPU segments' boundaries: float16 (default: the NPU's own; CPU "
+                   "segments convert inside their graphs, nothing is converted per NPU call) or float32 (every "
+                   "boundary as the source declares it: exact on onnxruntime, converted by the NPU runtime on every "
+                   "call)")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
@@ -63,7 +68,7 @@ def run(args) -> int:
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
                                 preview=args.preview, progress=not args.quiet, board=args.board,
                                 layers_per_call=args.layers_per_call, state_update=args.state_update,
-                                prefill_chunk=args.prefill_chunk)
+                                prefill_chunk=args.prefill_chunk, npu_io=args.npu_io)
     if args.preview:
         for rep in reports:
             for note in rep.notes:

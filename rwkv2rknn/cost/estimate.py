@@ -30,7 +30,8 @@ from rwkv2rknn.cost.profile import CORE_MASK_NAMES, BoardProfile
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.manifest import runs_on
 
-CATEGORIES = ("npu_stream", "npu_compute", "npu_call", "conversion", "hops", "cpu_compute", "cpu_call")
+CATEGORIES = ("npu_stream", "npu_compute", "npu_call", "io_copy", "conversion", "hops", "cpu_compute", "cpu_call",
+              "overlap")
 LABEL = "PREDICTION from a board profile (published figures and judgement), not a measurement"
 _NPU_ELEM_BYTES = 2 * 3  # fp16, two reads and one write per element
 _CPU_ELEM_BYTES = 4 * 3  # fp32
@@ -108,7 +109,7 @@ class Estimate:
 # -- one segment -----------------------------------------------------------------------------------------------
 
 def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler: dict | None,
-                 precision: str) -> tuple[float, dict, int]:
+                 precision: str, convert: bool = True) -> tuple[float, dict, int]:
     w = f["weight_bytes"]["fp16"] * (0.5 if precision == "w8a8" else 1.0)
     flops = f["matmul_flops"] * s
     r1, r3 = p.npu_stream_gbps_1core * 1e9, p.npu_stream_gbps_3core * 1e9
@@ -140,8 +141,14 @@ def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler
     b["npu_compute"] += (npu_ops * p.npu_op_us * 1e-6
                          + f.get("elementwise_elems", 0) * s * _NPU_ELEM_BYTES / r1)
     b["hops"] = hops * p.npu_hop_us * 1e-6
-    conv_in, conv_out = f.get("convert_in_bytes", f["input_bytes"]), f.get("convert_out_bytes", f["output_bytes"])
-    b["conversion"] = (conv_in * p.conv_in_ns_per_byte + conv_out * p.conv_out_ns_per_byte) * s * 1e-9
+    if convert:  # priced per segment (planning); an estimate over a program prices the program's conversions instead
+        conv_in = f.get("convert_in_bytes", f["input_bytes"])
+        conv_out = f.get("convert_out_bytes", f["output_bytes"])
+        b["conversion"] = (conv_in * p.conv_in_ns_per_byte + conv_out * p.conv_out_ns_per_byte) * s * 1e-9
+    # what the runtime does per call beyond the program: copies in and out (RKNNLite), fp16 outputs returned as fp32
+    out16 = f["output_bytes"] - f.get("convert_out_bytes", f["output_bytes"])
+    b["io_copy"] = ((f["input_bytes"] + f["output_bytes"]) * p.npu_io_copy_ns_per_byte
+                    + 2 * out16 * p.npu_output_fp32_ns_per_byte) * s * 1e-9
     b["npu_call"] = (p.npu_call_us + (p.npu_multicore_call_us if mask == 7 else 0.0)) * 1e-6
     return sum(b.values()), b, hops
 
@@ -165,14 +172,17 @@ class SegmentPrice(NamedTuple):
 
 
 def price_segment(features: dict, profile: BoardProfile, runs_on: str, tokens_per_call: int = 1,
-                  compiler: dict | None = None, precision: str = "fp16") -> SegmentPrice:
-    """One call of one segment processing `tokens_per_call` tokens, on "npu" or "cpu" (pure)."""
+                  compiler: dict | None = None, precision: str = "fp16", convert: bool = True) -> SegmentPrice:
+    """One call of one segment processing `tokens_per_call` tokens, on "npu" or "cpu" (pure).
+
+    convert False: leave the NPU runtime's fp32-boundary conversions out (the program's accounting prices them).
+    """
     t = max(1, int(tokens_per_call))
     s = t / max(1, int(features.get("rows", 1)))
     if runs_on == "cpu":
         b = _cpu_cost(features, profile, s)
         return SegmentPrice(sum(b.values()), b, None, {}, 0)
-    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision)
+    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision, convert)
                 for mask in sorted(profile.npu_core_masks)}
     best = min(variants, key=lambda m: (variants[m][0], m))
     total, b, hops = variants[best]
@@ -234,15 +244,53 @@ def _merge(features: list[dict]) -> dict:
     return out
 
 
+def _conversion_seconds(conv: dict, p: BoardProfile) -> float:
+    """One of the program's conversions: in a CPU loop, or inside the NPU runtime at an fp32 boundary."""
+    rate = p.conv_in_ns_per_byte if conv.get("kind") == "npu_runtime" else p.cpu_convert_ns_per_byte
+    return conv["bytes"] * rate * 1e-9
+
+
+def critical_path(steps, seconds: dict) -> float:
+    """The time of one run of a program plan: steps in order on the main thread, except those marked `overlap`,
+    which a worker runs in order beside it (each once its inputs exist); the run ends when both are done."""
+    main = worker = 0.0
+    finish: dict[int, float] = {}
+    for st in steps:
+        ready = max((finish.get(d, 0.0) for d in st.deps), default=0.0)
+        dur = seconds.get(st.id, 0.0)
+        if st.overlap:
+            worker = max(worker, main, ready) + dur
+            finish[st.id] = worker
+        else:
+            main = max(main, ready) + dur
+            finish[st.id] = main
+    return max(main, worker)
+
+
 def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loader | None, all_cpu: bool,
-                precision: str, own_rows: bool = False) -> PlanEstimate:
+                precision: str, own_rows: bool = False, program_plan=None) -> PlanEstimate:
     """t tokens per run of the plan. own_rows (a prefill plan): every segment is called once per run over the
-    rows it was built for (M for a batched graph, 1 for the head that runs on the last row only)."""
+    rows it was built for (M for a batched graph, 1 for the head that runs on the last row only).
+
+    program_plan: the plan of the execution program; its conversions are priced (instead of every fp32 boundary
+    of every NPU segment) and its steps' critical path, CPU steps overlapping NPU steps, is the time per run.
+    """
     measured = profile.measured_segments or {}
     out, total = [], _zero()
     npu_calls = cpu_calls = 0
     all_measured = True
     measured_sum = 0.0
+    seg_seconds: dict[str, float] = {}
+    conv_of_graph: dict[str, float] = {}
+    step_seconds: dict[int, float] = {}
+    if program_plan is not None and not all_cpu:
+        for c in program_plan.conversions:
+            sec = _conversion_seconds(c, profile)
+            step = program_plan.steps[c["step"]] if c.get("step") is not None else None
+            graph = step.graph if step is not None else ""
+            conv_of_graph[graph] = conv_of_graph.get(graph, 0.0) + sec
+            if step is not None:
+                step_seconds[step.id] = step_seconds.get(step.id, 0.0) + sec
     for g in graphs:
         feats = [_features(g, s, loader) for s in g["segments"]]
         gb = _zero()
@@ -263,7 +311,9 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
                 compiler = seg.get("compiler") if side == "npu" else None
                 prec = seg.get("precision", precision)
                 rows = f.get("rows", 1) if own_rows else t
-                sec, b, mask, variants, hops = price_segment(f, profile, side, rows, compiler, prec)
+                sec, b, mask, variants, hops = price_segment(f, profile, side, rows, compiler, prec,
+                                                             convert=program_plan is None)
+                seg_seconds[seg["id"]] = sec
                 _add(gb, b)
                 m = measured.get(seg["id"])
                 if m is None:
@@ -280,40 +330,66 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
                     features_from=where, compiler_table=compiler is not None,
                     hops=hops,
                     measured_ms=float(m["ms"]) if m is not None else None))
+            gb["conversion"] += conv_of_graph.get(g["name"], 0.0)
         npu_calls += n_npu
         cpu_calls += n_cpu
         _add(total, gb)
         per_token = {k: v * 1e3 / t for k, v in gb.items()}
         out.append(GraphEstimate(name=g["name"], ms_per_token=sum(per_token.values()), breakdown=per_token,
                                  npu_calls=n_npu, cpu_calls=n_cpu, segments=segs))
+    total["conversion"] += conv_of_graph.get("", 0.0)
+    if program_plan is not None and not all_cpu:  # what overlapping CPU steps with NPU steps saves
+        for st in program_plan.steps:
+            if st.op == "run":
+                step_seconds[st.id] = step_seconds.get(st.id, 0.0) + seg_seconds.get(st.segment, 0.0)
+        serial = sum(total.values())
+        total["overlap"] = min(0.0, critical_path(program_plan.steps, step_seconds) - sum(step_seconds.values()))
+        total["overlap"] = max(total["overlap"], -serial)
     breakdown = {k: v * 1e3 / t for k, v in total.items()}
     return PlanEstimate(tokens_per_call=t, ms_per_token=sum(breakdown.values()), breakdown=breakdown,
                         npu_calls_per_token=npu_calls / t, cpu_calls_per_token=cpu_calls / t, graphs=out,
                         measured_ms_per_token=measured_sum / t if all_measured and graphs else None)
 
 
+def program_of(manifest_data: dict):
+    """The execution program of manifest data (plan and build results joined), or None where it cannot be made
+    (an old or partial manifest: the estimate then prices every fp32 boundary per segment)."""
+    from rwkv2rknn.program.lower import lower
+
+    try:
+        return lower(manifest_data, None)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def estimate(manifest_data: dict, profile: BoardProfile, tokens_per_call: int = 1, loader: Loader | None = None,
-             all_cpu: bool = False) -> Estimate:
+             all_cpu: bool = False, program=None) -> Estimate:
     """Predict the per-token time of a manifest's plan on the board `profile` describes.
 
     tokens_per_call: T tokens per call of the manifest's plan (1 = decode; T > 1 prices the same segments as if
       each call processed T rows: weights stream once per call, activations and FLOPs scale with T).
     loader(graph, segment) -> onnx.ModelProto: used for segments without stored features.
     all_cpu: price every graph as one onnxruntime session (the CPU-only plan of the same model).
+    program: the execution program (lowered from the data when not given): conversions and the critical path
+      come from it.
     A manifest key "prefill" = {"chunk": M, "graphs": [...]} is priced at M tokens per call; without it the
     prefill figure is the main plan at `tokens_per_call`.
     """
     if tokens_per_call < 1:
         raise UserError(f"tokens per call {tokens_per_call}: must be at least 1")
     precision = (manifest_data.get("build") or {}).get("precision", "fp16")
-    decode = _price_plan(manifest_data["graphs"], profile, tokens_per_call, loader, all_cpu, precision)
+    if program is None and not all_cpu:
+        program = program_of(manifest_data)
+    decode = _price_plan(manifest_data["graphs"], profile, tokens_per_call, loader, all_cpu, precision,
+                         program_plan=program.decode if program is not None and tokens_per_call == 1 else None)
     pre = manifest_data.get("prefill")
     if isinstance(pre, dict) and pre.get("graphs"):
         chunk = int(pre.get("chunk", 1))
         own = {g["name"] for g in pre["graphs"]}
         # graphs the prefill plan shares with the decode plan (the head, once per chunk on the last row)
         shared = [g for g in manifest_data["graphs"] if g["name"] in pre.get("order", []) and g["name"] not in own]
-        prefill = _price_plan(pre["graphs"] + shared, profile, chunk, loader, all_cpu, precision, own_rows=True)
+        prefill = _price_plan(pre["graphs"] + shared, profile, chunk, loader, all_cpu, precision, own_rows=True,
+                              program_plan=program.prefill if program is not None else None)
         prefill_plan, prefill_ms = f"manifest prefill plan, {chunk} tokens per call", prefill.ms_per_token
     else:
         prefill = None
@@ -343,5 +419,5 @@ def verdict(plan_ms: float, cpu_ms: float) -> str:
 
 
 __all__ = ["CATEGORIES", "LABEL", "Estimate", "GraphEstimate", "PlanEstimate", "SegmentEstimate", "core_mask_name",
-           "SegmentPrice", "estimate", "price_segment", "verdict", "with_features"]
+           "SegmentPrice", "critical_path", "estimate", "price_segment", "program_of", "verdict", "with_features"]
 

@@ -17,7 +17,10 @@ from collections import Counter
 import numpy as np
 import onnx
 
-FEATURES_VERSION = 4
+FEATURES_VERSION = 5
+# Casts passes/boundary.py (and fp16_io) put at a segment's boundary: the RKNN compiler folds them into its fp16
+# work, and onnxruntime's are the program's conversions, which the estimator prices from the program itself.
+BOUNDARY_CAST_SUFFIXES = (".cast_in", ".cast_out", "@fp16.cast", ".to_fp32", ".to_fp16")
 MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 # Ops that only rename or reshape a tensor: the RKNN compiler folds them; onnxruntime still dispatches them.
 SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Constant")
@@ -270,9 +273,13 @@ def segment_features(model: onnx.ModelProto, backend: str = "npu") -> dict:
     rows = 1
     n_mm = elementwise = elems = shape_ops = npu_ops = 0
     cpu_ops = []
+    boundary_casts = 0
     for idx, n in enumerate(nodes):
         op = n.op_type
         in_ln = idx in ln_nodes
+        if op == "Cast" and n.name.endswith(BOUNDARY_CAST_SUFFIXES):
+            boundary_casts += 1
+            continue
         if op in MATMUL_OPS:
             n_mm += 1
             f = _matmul_flops(n, infos)
@@ -313,7 +320,8 @@ def segment_features(model: onnx.ModelProto, backend: str = "npu") -> dict:
         "version": FEATURES_VERSION,
         "backend": backend,
         "rows": int(rows),
-        "nodes": len(g.node),
+        "nodes": len(g.node) - boundary_casts,
+        "boundary_casts": boundary_casts,
         "weight_bytes": {"stored": int(stored), "fp32": int(f32), "fp16": int(f16)},
         "gather_table_bytes": int(gather_bytes),
         "matmuls": n_mm,

@@ -48,8 +48,15 @@ CONSTANTS: dict[str, tuple[str, str, str]] = {
     "npu_core_masks": ("masks", "", "core masks the runtime may use: 1 = NPU_CORE_0, 7 = NPU_CORE_0_1_2"),
     "npu_op_us": ("number", "us", "one elementwise op inside an NPU model"),
     "npu_hop_us": ("number", "us", "one CPU-fallback op inside an NPU model (NPU -> CPU -> NPU)"),
-    "conv_in_ns_per_byte": ("number", "ns/B", "converting fp32 inputs to the NPU's fp16/layout, per fp32 byte"),
-    "conv_out_ns_per_byte": ("number", "ns/B", "converting NPU outputs back to fp32, per fp32 byte"),
+    "conv_in_ns_per_byte": ("number", "ns/B", "the NPU runtime converting an fp32 input to the NPU's fp16/layout, "
+                                              "per fp32 byte"),
+    "conv_out_ns_per_byte": ("number", "ns/B", "the NPU runtime converting an NPU output back to fp32, per fp32 byte"),
+    "cpu_convert_ns_per_byte": ("number", "ns/B", "an fp32 <-> fp16 conversion in a CPU loop (a Cast in an "
+                                                  "onnxruntime graph, a convert step), per fp32 byte"),
+    "npu_io_copy_ns_per_byte": ("number", "ns/B", "copying an NPU call's inputs in and outputs out, per byte (0 where "
+                                                  "the runtime binds the program's buffers)"),
+    "npu_output_fp32_ns_per_byte": ("number", "ns/B", "a runtime that hands every NPU output back as fp32: its "
+                                                      "conversion, per fp32 byte (0 where outputs stay fp16)"),
     "cpu_stream_gbps": ("positive", "GB/s", "CPU weight streaming rate for onnxruntime segments"),
     "cpu_gflops": ("positive", "GFLOPS", "CPU fp32 MatMul throughput for onnxruntime segments"),
     "cpu_call_us": ("number", "us", "fixed cost of one onnxruntime call (session.run from Python)"),

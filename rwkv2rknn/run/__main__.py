@@ -1,4 +1,4 @@
-"""`python -m rwkv2rknn.run MANIFEST`: generate text, feed ids, chat, benchmark or check a split model."""
+"""`python -m rwkv2rknn.run OUT`: generate text, feed ids, chat, benchmark, or show the execution program."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import numpy as np
 
 from rwkv2rknn.errors import UserError, run_guarded
-from rwkv2rknn.manifest import runs_on
 
 PROG = "python -m rwkv2rknn.run"
 
@@ -21,17 +20,19 @@ PROG = "python -m rwkv2rknn.run"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Run a split (and optionally built) model: onnxruntime for CPU segments, the NPU "
-        "(rknn-lite on the board, rknn-sim on a PC) for NPU segments.",
+        description="Run a split (and optionally built) model: its execution program (OUT/program.json) with "
+        "onnxruntime for CPU steps and the NPU (rknn-c or rknn-lite on the board, rknn-sim on a PC) for NPU steps.",
     )
-    p.add_argument("manifest", metavar="MANIFEST", help="OUT/manifest.json (or the OUT directory)")
-    p.add_argument("--backend", default="auto", choices=["ort", "rknn-sim", "rknn-lite", "auto"],
-                   help="where NPU segments run: ort (CPU), rknn-sim (x86 simulator; compiles every NPU "
-                   "segment first, slow), rknn-lite (the board); auto = rknn-lite when available and built, "
-                   "else ort. CPU segments always run on onnxruntime")
+    p.add_argument("manifest", metavar="OUT", help="the split/build output directory (or its manifest.json or "
+                   "program.json)")
+    p.add_argument("--backend", default="auto", choices=["ort", "rknn-sim", "rknn-lite", "rknn-c", "auto"],
+                   help="where NPU steps run: ort (CPU), rknn-sim (x86 simulator; compiles every NPU segment first, "
+                   "slow; needs rknn-toolkit2), rknn-c (the board, librknnrt's C API: zero-copy buffers), rknn-lite "
+                   "(the board, rknn-toolkit-lite2's Python API); auto = rknn-c where librknnrt loads, else "
+                   "rknn-lite where it imports (a built model), else ort. CPU steps always run on onnxruntime")
     p.add_argument("--core-mask", default=None, metavar="MASK",
-                   help="rknn-lite NPU cores: plan (default: each segment's mask from the manifest, the faster one "
-                   "the cost model predicts), auto, 0, 1, 2, 0_1, 0_1_2 (or the number 0,1,2,4,3,7)")
+                   help="NPU cores: plan (default: each segment's mask from the program, the faster one predicted), "
+                   "auto, 0, 1, 2, 0_1, 0_1_2 (or the number 0,1,2,4,3,7)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     g = p.add_argument_group("text")
     g.add_argument("--prompt", help="text to continue")
@@ -42,19 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default 0.85)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--tokenizer", default=None, metavar="PATH|world|bytes",
-                   help="tokenizer.json, the RWKV World vocab, or bytes (default: the manifest's)")
+                   help="tokenizer.json, the RWKV World vocab, or bytes (default: the model's)")
     g.add_argument("--chat", action="store_true", help="interactive User:/Bot: chat; /quit or EOF ends it")
     g.add_argument("--dump-logits", metavar="FILE.npy", help="save float32 logits after the last fed token")
-    g = p.add_argument_group("measure")
-    g.add_argument("--bench", action="store_true", help="prefill/decode ms per token, per-segment times, peak RSS")
-    g.add_argument("--json", action="store_true", help="with --bench: one JSON object on the last stdout line")
-    g.add_argument("--trace", action="store_true", help="print every segment call with its inputs (stderr)")
+    g = p.add_argument_group("inspect and measure")
+    g.add_argument("--show-program", action="store_true",
+                   help="print the execution program (steps and buffers of the decode and prefill plans) and exit")
+    g.add_argument("--bench", action="store_true",
+                   help="prefill/decode ms per token, per-segment times, converted bytes, overlap, peak RSS")
+    g.add_argument("--json", action="store_true", help="with --bench or --show-program: JSON on the last stdout line")
+    g.add_argument("--trace", action="store_true", help="print every step with its inputs (stderr)")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="run every step in order on one thread (default: CPU steps nothing waits on run beside "
+                   "the next NPU step)")
     g.add_argument("--check", action="store_true",
-                   help="single-graph manifests: random inputs through the chain and the source graph; "
-                   "exit 1 over tolerance")
+                   help="single-graph splits (on the PC, with the compiler installed): random inputs through the "
+                   "program and the source graph; exit 1 over tolerance")
     g.add_argument("--calibrate", metavar="FILE.toml",
-                   help="on the board (--backend rknn-lite): time the probe models `build` made and every segment, "
-                   "and write a board profile that `rwkv2rknn estimate --board FILE.toml` uses")
+                   help="on the board (--backend rknn-c or rknn-lite): time the probe models `build` made and every "
+                   "segment, and write a board profile that `rwkv2rknn estimate --board FILE.toml` uses")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -73,17 +80,16 @@ def _parse_tokens(text: str, vocab: int) -> list[int]:
     return ids
 
 
-def _open_chain(args, manifest, timed=False):
+def _open_chain(args, source, overlap: bool = True):
     from rwkv2rknn.run.chain import Chain, core_mask_value, runner_factory
 
-    factory = runner_factory(manifest, args.backend, core_mask=core_mask_value(args.core_mask),
-                             threads=args.threads)
-    npu = sum(1 for _, s in manifest.segments() if runs_on(s) == "npu")
+    factory = runner_factory(source, args.backend, core_mask=core_mask_value(args.core_mask), threads=args.threads)
+    npu = sum(1 for s in factory.program.segments.values() if s.device == "npu")
     if factory.backend == "rknn-sim" and npu and not args.quiet:
         print(f"rknn-sim: compiling {npu} NPU segment(s) in the simulator first; this takes seconds each "
               "(minutes for a deep model)", file=sys.stderr)
-    return Chain(manifest, factory, timed=timed, trace=sys.stderr if args.trace else None,
-                 progress=not args.quiet)
+    return Chain(None, factory, trace=sys.stderr if args.trace else None, progress=not args.quiet,
+                 overlap=overlap and not args.no_overlap)
 
 
 def _save_logits(path: str, logits: np.ndarray) -> None:
@@ -131,7 +137,6 @@ def run_chat(chain, tokenizer, args, rng) -> int:
     """User:/Bot: turns; the conversation lives in the recurrent state, never re-fed."""
     interactive = sys.stdin.isatty()
     max_tokens = args.max_tokens or 200
-    logits = None
     while True:
         if interactive:
             _write("User: ")
@@ -157,6 +162,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _decode_ms(chain, logits, n: int) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = chain.step(int(np.argmax(logits)))
+    return (time.perf_counter() - t0) * 1e3 / max(1, n), logits
+
+
 def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
     chain.step(prompt_ids[0])  # warm-up: first calls allocate and optimize
     if chain.chunk:
@@ -165,27 +177,57 @@ def run_bench(chain, prompt_ids: list[int], n_decode: int, args) -> int:
     t0 = time.perf_counter()
     logits = chain.feed(prompt_ids)
     t1 = time.perf_counter()
-    for _ in range(n_decode):
-        logits = chain.step(int(np.argmax(logits)))
-    t2 = time.perf_counter()
+    conv0 = chain.converted_bytes
+    decode, logits = _decode_ms(chain, logits, n_decode) if n_decode else (None, logits)
+    converted = (chain.converted_bytes - conv0) / n_decode if n_decode else None
+    # the same decode with every step on one thread: what overlapping the CPU steps saved, measured here
+    serial = None
+    overlapping = any(s.overlap for s in chain.program.decode.steps)
+    if n_decode and overlapping and chain._overlap:
+        chain._overlap_off = True
+        chain._overlap, saved = False, chain._overlap
+        chain._bind_all()
+        chain.set_timing(False)
+        serial, logits = _decode_ms(chain, logits, n_decode)
+        chain._overlap = saved
+        chain._bind_all()
+        chain.set_timing(False)
     # per-segment times from a separate timed pass, so the figures above carry no timer cost
     chain.set_timing(True)
     for _ in range(max(4, min(n_decode, 16))):
         logits = chain.step(int(np.argmax(logits)))
     chain.set_timing(False)
     prefill = 1e3 * (t1 - t0) / len(prompt_ids)
-    decode = 1e3 * (t2 - t1) / n_decode if n_decode else None  # None: JSON null, never NaN
     segs = {sid: {"ms": 1e3 * s / c, "calls": c} for sid, (s, c) in chain.segment_times.items() if c}
+    npu_us = _npu_times(chain)
     result = {"backend": chain.backend, "prompt_tokens": len(prompt_ids), "decode_tokens": n_decode,
               "prefill_chunk": chain.chunk or None,
               "prefill_ms_per_token": prefill, "decode_ms_per_token": decode,
               "tokens_per_s": 1e3 / decode if decode else None,
+              "converted_bytes_per_token": converted,
+              "program_converted_bytes_per_token": chain.program.decode.converted_bytes_per_token,
+              "overlap": {"steps_per_token": sum(s.overlap for s in chain.program.decode.steps),
+                          "serial_decode_ms_per_token": serial,
+                          "saved_ms_per_token": (serial - decode) if serial is not None else None},
               "peak_rss_mb": _peak_rss_mb(),
               "segments": {sid: round(v["ms"], 4) for sid, v in segs.items()}}
+    if npu_us:
+        result["npu_run_us"] = npu_us
     _print_bench(result, segs)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _npu_times(chain) -> dict:
+    """Each NPU segment's own time of its last run (RKNN_QUERY_PERF_RUN; the C-API runner only)."""
+    out = {}
+    for sid, r in chain.runners.items():
+        perf = getattr(r, "perf_run_us", None)
+        if callable(perf):
+            with contextlib.suppress(Exception):
+                out[sid] = perf()
+    return out
 
 
 def _print_bench(result: dict, segs: dict) -> None:
@@ -199,124 +241,140 @@ def _print_bench(result: dict, segs: dict) -> None:
     decode = result["decode_ms_per_token"]
     decode_txt = (f"{decode:.2f} ms/token ({result['decode_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s)"
                   if decode is not None else "not timed (0 tokens)")
-    print(f"backend {result['backend']}: prefill {result['prefill_ms_per_token']:.2f} ms/token "
-          f"({n_prompt} tokens, {how}), decode {decode_txt}, peak RSS {result['peak_rss_mb']:.0f} MB")
-    print(f"{'segment':<24} {'ms/call':>9} {'share':>7}")
+    print(f"backend {result['backend']} (measured on this machine): prefill {result['prefill_ms_per_token']:.2f} "
+          f"ms/token ({n_prompt} tokens, {how}), decode {decode_txt}, peak RSS {result['peak_rss_mb']:.0f} MB")
+    if result["converted_bytes_per_token"] is not None:
+        print(f"converted per decoded token: {result['converted_bytes_per_token']:.0f} bytes (fp32 side; casts "
+              "inside CPU graphs and the program's convert steps)")
+    ov = result["overlap"]
+    if ov["serial_decode_ms_per_token"] is not None:
+        print(f"overlap: {ov['steps_per_token']} CPU step(s) per token beside the next NPU step; serial decode "
+              f"{ov['serial_decode_ms_per_token']:.2f} ms/token, saved {ov['saved_ms_per_token']:+.3f} ms/token")
+    print(f"{'segment':<28} {'ms/call':>9} {'share':>7}")
     for sid, v in segs.items():
-        print(f"{sid:<24} {v['ms']:>9.4f} {100 * v['ms'] / total:>6.1f}%")
+        print(f"{sid:<28} {v['ms']:>9.4f} {100 * v['ms'] / total:>6.1f}%")
     if decode is None:
         note = "no decode steps timed, so no overhead figure"
-    elif (overhead := decode - total) < 0:  # the segment times come from a separate timed pass: noise can win
-        note = f"overhead outside segments within timing noise ({overhead:+.3f} ms/token)"
+    elif (overhead := decode - total) < 0:  # overlap, or noise: the segment times come from a separate pass
+        note = f"overhead outside segments within timing noise or overlapped ({overhead:+.3f} ms/token)"
     else:
         note = f"overhead outside segments: {overhead:.3f} ms/token"
-    print(f"{'sum of segments':<24} {total:>9.4f}  ({note})")
+    print(f"{'sum of segments':<28} {total:>9.4f}  ({note})")
 
 
-def run_check(chain, manifest, args) -> int:
-    """Random realistic inputs through the chain and the fp32-upcast source graph of every graph."""
-    from rwkv2rknn.run.chain import random_feed
-    from rwkv2rknn.run.runners import OrtRunner
-
-    rng = np.random.default_rng(args.seed or 0)
-    sim = chain.backend in ("rknn-sim", "rknn-lite") and any(
-        runs_on(s) == "npu" for _, s in manifest.segments())
-    failed = 0
-    for g in manifest.graphs:
-        src = manifest.resolve(g["source"]["path"])
-        if not src.exists():
-            raise UserError(f"{manifest.path}: source graph {g['source']['path']} of {g['name']} is missing; "
-                            "--check compares against it: copy it back or split again")
-        feed = random_feed(g["inputs"], rng, [manifest.resolve(s["onnx"]) for s in g["segments"]])
-        got = chain.run_graph(g["name"], feed)
-        with OrtRunner(_fp32_source(src), level="basic", label=str(src)) as ref_runner:
-            ref = ref_runner.infer(feed)
-        for name in got:
-            a = np.asarray(got[name], np.float64).ravel()
-            b = np.asarray(ref[name], np.float64).ravel()
-            if a.size != b.size:
-                raise UserError(f"{src}: output {name} has {b.size} values, the chain {a.size}; split again")
-            max_abs = float(np.abs(a - b).max()) if a.size else 0.0
-            denom = np.linalg.norm(a) * np.linalg.norm(b)
-            cos = float(a @ b / denom) if denom else (1.0 if max_abs == 0 else 0.0)
-            scale = float(np.abs(b).max()) if b.size else 0.0
-            ok = cos >= 0.999 if sim else max_abs <= 1e-4 * max(scale, 1e-30) or max_abs <= 1e-6
-            failed += not ok
-            print(f"{g['name']}/{name}: max_abs {max_abs:.3e} (rel {max_abs / max(scale, 1e-30):.2e}) "
-                  f"cosine {cos:.6f} {'ok' if ok else 'FAIL'}")
-    tol = "cosine >= 0.999" if sim else "max_abs <= 1e-4 * max|ref|"
-    print(f"check ({chain.backend}, tolerance {tol}): {'FAILED' if failed else 'passed'}")
-    return 1 if failed else 0
+def _random_inputs(program, name: str, rng) -> dict:
+    """Realistic random inputs of a single graph from its buffers: normal activations, small positive states."""
+    feed = {}
+    for tname, b in program.graphs[name]["inputs"].items():
+        buf = program.buffers[b]
+        dt = np.dtype(buf.dtype)
+        if dt.kind in "iu":
+            feed[tname] = np.zeros(buf.shape, dt)
+        elif "state" in tname.lower():
+            feed[tname] = rng.uniform(0.0, 0.5, size=buf.shape).astype(dt)
+        else:
+            feed[tname] = rng.standard_normal(buf.shape).astype(dt)
+    return feed
 
 
-def _fp32_source(path) -> bytes:
-    """The source graph with fp16 upcast to fp32 (onnxruntime runs fp16-mixing graphs badly or not at all)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
-    from passes.fp32 import fp16_to_fp32
-    from passes.normalize import constants_to_initializers, remove_identities
-    from rwkv2rknn.model import load_onnx_file
-
-    graph = remove_identities(fp16_to_fp32(constants_to_initializers(gs.import_onnx(load_onnx_file(path)))))
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    model.ir_version = min(model.ir_version, 10)
-    return onnx.shape_inference.infer_shapes(model).SerializeToString()
+def run_bench_graphs(chain, args) -> int:
+    """Single-graph programs: ms per pass over every graph with random inputs."""
+    rng = np.random.default_rng(0)
+    feeds = [(name, _random_inputs(chain.program, name, rng)) for name in chain.program.graphs]
+    for name, f in feeds:
+        chain.run_graph(name, f)
+    n = args.max_tokens or 32
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for name, f in feeds:
+            chain.run_graph(name, f)
+    ms = 1e3 * (time.perf_counter() - t0) / n
+    chain.set_timing(True)
+    for _ in range(min(n, 16)):
+        for name, f in feeds:
+            chain.run_graph(name, f)
+    chain.set_timing(False)
+    segs = {sid: {"ms": 1e3 * s / c, "calls": c} for sid, (s, c) in chain.segment_times.items() if c}
+    result = {"backend": chain.backend, "prompt_tokens": 0, "decode_tokens": n, "prefill_ms_per_token": None,
+              "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "peak_rss_mb": _peak_rss_mb(),
+              "converted_bytes_per_token": chain.program.decode.converted_bytes_per_token,
+              "segments": {sid: round(v["ms"], 4) for sid, v in segs.items()}}
+    print(f"backend {chain.backend} (measured on this machine): {ms:.3f} ms per pass over {len(feeds)} graph(s), "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    for sid, v in segs.items():
+        print(f"{sid:<28} {v['ms']:>9.4f} ms/call")
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_guarded(PROG, _run, args)
 
-def _run(args) -> int:
-    from rwkv2rknn.manifest import Manifest
 
-    manifest = Manifest.load(args.manifest)
+def _load_tokenizer(args, program, root, vocab: int, tokens, need_tok: bool):
+    from rwkv2rknn.run.tokenizers import load_tokenizer
+
+    hint = (program.model or {}).get("tokenizer")
+    if need_tok or (tokens is None and args.max_tokens):
+        return load_tokenizer(args.tokenizer or hint, root, vocab)
+    if args.tokenizer and not args.bench:
+        return load_tokenizer(args.tokenizer, root, vocab)
+    if tokens is not None and args.max_tokens and not args.bench:  # print text if the model's tokenizer is here
+        with contextlib.suppress(UserError):
+            return load_tokenizer(hint, root, vocab)
+    return None
+
+
+def _run(args) -> int:
+    from rwkv2rknn.run.source import open_program
+
     if args.max_tokens is not None and args.max_tokens < 0:
         raise UserError("--max-tokens must be >= 0")
     if args.temperature < 0 or not 0 <= args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p within [0, 1]")
     if args.dump_logits and not args.dump_logits.endswith(".npy"):
         raise UserError(f"--dump-logits {args.dump_logits}: give a file name ending in .npy")
-    if args.json and not args.bench:
-        raise UserError("--json goes with --bench")
+    if args.json and not (args.bench or args.show_program):
+        raise UserError("--json goes with --bench or --show-program")
+    program, root = open_program(args.manifest)
+    if args.show_program:
+        from rwkv2rknn.program.show import print_program
+
+        print_program(program, root, as_json=args.json)
+        return 0
     if args.calibrate:
         from rwkv2rknn.run.board_calibration import run_calibrate
 
-        return run_calibrate(args, manifest)
-    model = manifest.model
+        return run_calibrate(args, (program, root))
+    model = program.model
     if model is None:
         if not (args.check or args.bench):
-            raise UserError(f"{manifest.path}: a split of single graphs (no whole model): use --check or --bench")
-        with _open_chain(args, manifest) as chain:
-            return run_check(chain, manifest, args) if args.check else run_bench_graphs(chain, manifest, args)
+            raise UserError(f"{root}: a split of single graphs (no whole model): use --check or --bench")
+        if args.check:
+            try:
+                from rwkv2rknn.check import run_check
+            except ImportError as exc:
+                raise UserError(f"--check compares against the source graphs with the compiler's packages ({exc.name} "
+                                "is missing): run it on the PC where rwkv2rknn split ran") from None
+            with _open_chain(args, (program, root)) as chain:
+                return run_check(chain, root, args)
+        with _open_chain(args, (program, root)) as chain:
+            return run_bench_graphs(chain, args)
     if args.check:
-        raise UserError(f"{manifest.path}: --check is for single-graph splits; for a whole model compare "
+        raise UserError(f"{root}: --check is for single-graph splits; for a whole model compare "
                         "logits with --tokens ... --dump-logits")
     vocab = model["vocab_size"]
     tokens = _parse_tokens(args.tokens, vocab) if args.tokens is not None else None
     if args.tokens is not None and args.prompt is not None:
         raise UserError("give either --prompt or --tokens, not both")
     need_tok = (args.prompt is not None or args.chat) or (not args.bench and tokens is None)
-    tokenizer = None
-    if need_tok or (tokens is None and args.max_tokens):
-        from rwkv2rknn.run.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer or model.get("tokenizer"), manifest.root, vocab)
-    elif args.tokenizer and not args.bench:
-        from rwkv2rknn.run.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer, manifest.root, vocab)
-    elif tokens is not None and args.max_tokens and not args.bench:  # print text if the model's tokenizer is here
-        from rwkv2rknn.run.tokenizers import load_tokenizer
-
-        with contextlib.suppress(UserError):
-            tokenizer = load_tokenizer(model.get("tokenizer"), manifest.root, vocab)
+    tokenizer = _load_tokenizer(args, program, root, vocab, tokens, need_tok)
     if not (args.prompt is not None or tokens or args.chat or args.bench):
         raise UserError("nothing to do: give --prompt TEXT, --tokens IDS, --chat or --bench")
     rng = np.random.default_rng(args.seed)
-    with _open_chain(args, manifest) as chain:
+    with _open_chain(args, (program, root)) as chain:
         if args.bench:
             ids = tokens or (tokenizer.encode(args.prompt) if args.prompt is not None else
                              [int(t) for t in np.random.default_rng(0).integers(0, vocab, 32)])
@@ -342,39 +400,6 @@ def _run(args) -> int:
             logits, _ = generate(chain, logits, n, tokenizer, args, rng)
             if tokenizer is not None:
                 _write("\n")
-    return 0
-
-
-def run_bench_graphs(chain, manifest, args) -> int:
-    """Single-graph manifests: ms per pass over every graph with random inputs."""
-    from rwkv2rknn.run.chain import random_feed
-
-    rng = np.random.default_rng(0)
-    feeds = [(g["name"], random_feed(g["inputs"], rng, [manifest.resolve(s["onnx"]) for s in g["segments"]]))
-             for g in manifest.graphs]
-    for name, f in feeds:
-        chain.run_graph(name, f)
-    n = args.max_tokens or 32
-    t0 = time.perf_counter()
-    for _ in range(n):
-        for name, f in feeds:
-            chain.run_graph(name, f)
-    ms = 1e3 * (time.perf_counter() - t0) / n
-    chain.set_timing(True)
-    for _ in range(min(n, 16)):
-        for name, f in feeds:
-            chain.run_graph(name, f)
-    chain.set_timing(False)
-    segs = {sid: {"ms": 1e3 * s / c, "calls": c} for sid, (s, c) in chain.segment_times.items() if c}
-    result = {"backend": chain.backend, "prompt_tokens": 0, "decode_tokens": n, "prefill_ms_per_token": None,
-              "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "peak_rss_mb": _peak_rss_mb(),
-              "segments": {sid: round(v["ms"], 4) for sid, v in segs.items()}}
-    print(f"backend {chain.backend}: {ms:.3f} ms per pass over {len(feeds)} graph(s), "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    for sid, v in segs.items():
-        print(f"{sid:<24} {v['ms']:>9.4f} ms/call")
-    if args.json:
-        print(json.dumps(result))
     return 0
 
 

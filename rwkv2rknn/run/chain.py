@@ -1,272 +1,333 @@
-"""Executes a manifest: graphs in order, segments in order, over pluggable runners, one token per step.
+"""The interpreter of the execution program (docs/runtime-abi.md): buffers allocated once, steps bound once.
 
-The plan (which runner reads which names from which table, which outputs carry to the next graph
-or the next token) is resolved once at load time; a step is then list lookups and runner calls.
-State lives in the per-graph tensor tables: after a graph runs, its state output simply becomes
-its state input for the next token (no copy, no conversion).
+At load every buffer of the program is allocated (numpy, or NPU memory under the C API), every step is
+bound to its runner with the buffers it reads and writes, for both parities of the ping-pong states. A token
+is then: write its id into the token buffer, call the bound steps in order (CPU steps marked `overlap` on a
+worker thread beside the next NPU step, joined at the end), flip the parity. Nothing is allocated, converted
+or looked up by name per token; the only conversions are the program's own (casts inside CPU graphs and its
+few convert steps).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.manifest import Manifest, runs_on
-from rwkv2rknn.run.runners import (
-    CORE_MASKS,
-    OrtRunner,
-    RknnLiteRunner,
-    RknnSimRunner,
-    Runner,
-    rknnlite_available,
-)
+from rwkv2rknn.program import Program, Segment
+from rwkv2rknn.run.runners import CORE_MASKS, OrtRunner, Runner
+from rwkv2rknn.run.source import open_program
 
-BACKENDS = ("ort", "rknn-sim", "rknn-lite", "auto")
+BACKENDS = ("ort", "rknn-sim", "rknn-lite", "rknn-c", "auto")
 
 
-def as_manifest(manifest) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+def _librknnrt_loadable() -> bool:
+    try:
+        from rwkv2rknn.run.librknnrt import load_library
+    except ImportError:
+        return False
+    try:
+        load_library()
+    except Exception:
+        return False
+    return True
 
 
-def resolve_backend(manifest: Manifest, backend: str) -> str:
-    """auto = rknn-lite when rknnlite imports and the manifest has built .rknn files, else ort."""
+def resolve_backend(program: Program, backend: str, root: Path | None = None) -> str:
+    """auto: rknn-c where librknnrt loads, else rknn-lite where rknnlite imports (both need a build), else ort."""
+    from rwkv2rknn.run.runners import rknnlite_available
+
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    has_rknn = any("rknn" in s for _, s in manifest.segments())
+    built = any(s.rknn for s in program.segments.values())
+    where = root or Path(".")
     if backend == "auto":
-        return "rknn-lite" if has_rknn and rknnlite_available() else "ort"
-    if backend == "rknn-lite":
-        if not rknnlite_available():
-            raise UserError("--backend rknn-lite: rknn-toolkit-lite2 (rknnlite) is not installed; it runs only "
-                            "on the RK3588 board; use --backend ort or rknn-sim on a PC")
-        if not has_rknn:
-            raise UserError(f"{manifest.path}: no segment has a .rknn file; run `rwkv2rknn build "
-                            f"{manifest.root}` first, or use --backend ort")
+        if built and _librknnrt_loadable():
+            return "rknn-c"
+        return "rknn-lite" if built and rknnlite_available() else "ort"
+    if backend == "rknn-lite" and not rknnlite_available():
+        raise UserError("--backend rknn-lite: rknn-toolkit-lite2 (rknnlite) is not installed; it runs only on the "
+                        "RK3588 board; use --backend ort or rknn-sim on a PC")
+    if backend == "rknn-c" and not _librknnrt_loadable():
+        raise UserError("--backend rknn-c: librknnrt.so cannot be loaded (set LIBRKNNRT_PATH, or install the "
+                        "board's /usr/lib/librknnrt.so); it runs only on the RK3588; use --backend ort on a PC")
+    if backend in ("rknn-lite", "rknn-c") and not built:
+        raise UserError(f"{where}: no segment has a .rknn file; run `rwkv2rknn build {where}` first, or use "
+                        "--backend ort")
     return backend
 
 
-def runner_factory(manifest: Manifest, backend: str = "ort", core_mask: int | None = None,
-                   threads: int | None = None) -> Callable[[dict, dict], Runner]:
-    """(graph, segment) -> Runner. CPU segments and fallen-back NPU segments always run on ort.
+class Backend:
+    """Makes a runner per segment for one backend name; CPU segments always run on onnxruntime."""
 
-    core_mask None: each NPU segment's `core_mask` from the manifest (the faster one predicted), else auto.
-    """
-    backend = resolve_backend(manifest, backend)
+    def __init__(self, program: Program, root: Path, name: str, core_mask: int | None = None,
+                 threads: int | None = None):
+        self.program, self.root, self.name = program, Path(root), name
+        self.core_mask, self.threads = core_mask, threads
+        self.npu = None
+        if name == "rknn-c":
+            from rwkv2rknn.run.rknn_c import CApiBackend
 
-    def make(graph: dict, seg: dict) -> Runner:
-        ins = [t["name"] for t in seg["inputs"]]
-        outs = [t["name"] for t in seg["outputs"]]
-        onnx_path = manifest.resolve(seg["onnx"])
-        if runs_on(seg) == "cpu" or backend == "ort":
-            return OrtRunner(onnx_path, ins, outs, threads=threads)
-        if backend == "rknn-sim":
-            return RknnSimRunner(onnx_path, ins, outs, target=manifest.target,
-                                 precision=seg.get("precision", "fp16"),
-                                 calib=str(manifest.resolve(seg["calib"])) if seg.get("calib") else None)
-        if "rknn" not in seg:
-            raise UserError(f"{manifest.path}: npu segment {seg['id']} has no .rknn file; run `rwkv2rknn build "
-                            f"{manifest.root}`, or use --backend ort")
-        mask = seg.get("core_mask", 0) if core_mask is None else core_mask
-        return RknnLiteRunner(manifest.resolve(seg["rknn"]), ins, outs, core_mask=mask)
+            self.npu = CApiBackend(program, self.root)
+        elif name == "rknn-sim":
+            import importlib
 
-    make.backend = backend
-    return make
+            # the simulator compiles: it lives with the compiler, imported only when chosen on a PC
+            self.sim_runner = importlib.import_module("rwkv2rknn.simulate").RknnSimRunner
 
+    def runner(self, seg: Segment, mask: int | None = None) -> Runner:
+        """The runner of one segment (mask: a core mask for this runner, over the program's and --core-mask)."""
+        ins, outs = [t.name for t in seg.inputs], [t.name for t in seg.outputs]
+        label = seg.id
+        if seg.device == "cpu" or self.name == "ort":
+            return OrtRunner(self.root / seg.onnx, ins, outs, threads=self.threads, label=f"{self.root / seg.onnx}")
+        if self.name == "rknn-sim":
+            return self.sim_runner(self.root / seg.onnx, ins, outs, target=self.program.target,
+                                   precision=seg.precision or "fp16", label=label,
+                                   calib=str(self.root / seg.calib) if seg.calib else None)
+        if not seg.rknn:
+            raise UserError(f"{self.root}: NPU segment {seg.id} has no .rknn file; run `rwkv2rknn build {self.root}`, "
+                            "or use --backend ort")
+        if mask is None:
+            mask = (seg.core_mask or 0) if self.core_mask is None else self.core_mask
+        if self.name == "rknn-c":
+            return self.npu.runner(seg, mask)
+        from rwkv2rknn.run.runners import RknnLiteRunner
 
-def _run_steps(steps, table: dict) -> None:
-    """Run a graph's segments in order, reading their inputs from and writing their outputs to `table`."""
-    for fn, ins, outs, _ in steps:
-        for n, v in zip(outs, fn([table[n] for n in ins])):
-            table[n] = v
+        return RknnLiteRunner(self.root / seg.rknn, ins, outs, core_mask=mask,
+                              input_dtypes=[t.dtype for t in seg.inputs], label=label)
 
+    def allocate(self, nbytes: int, npu: bool) -> np.ndarray:
+        """The bytes of one buffer: NPU memory under the C API when an NPU step touches it, else numpy."""
+        if npu and self.npu is not None:
+            return self.npu.allocate(nbytes)
+        return np.zeros(nbytes, dtype=np.uint8)
 
-def _shape_fixer(fn, specs):
-    """Runners outside onnxruntime may return [1, C] for [C] (reshape: a view), and float32 for a float16
-    output (a state the NPU keeps in fp16 between calls): give the manifest's shapes and dtypes."""
-    want = [(tuple(t["shape"]), np.dtype(t["dtype"])) for t in specs]
-
-    def call(arrays):
-        out = []
-        for o, (shape, dt) in zip(fn(arrays), want):
-            if o.shape != shape:
-                o = o.reshape(shape)
-            out.append(o if o.dtype == dt else o.astype(dt))
-        return out
-    return call
+    def close(self) -> None:
+        if self.npu is not None:
+            self.npu.close()
 
 
-class _GraphPlan:
-    __slots__ = ("carry", "links_in", "name", "outputs", "raw", "steps", "table")
+def runner_factory(source, backend: str = "ort", core_mask: int | None = None, threads: int | None = None):
+    """A backend for a program (or anything open_program takes): `factory(segment) -> Runner`."""
+    from rwkv2rknn.run.source import check_files
 
-    def __init__(self, name):
-        self.name = name
-        self.table: dict = {}
-        self.links_in: list = []      # (dst name, src table, src name)
-        self.raw: list = []           # (infer_list, input names, output names, segment id)
-        self.steps: list = []         # raw, or raw wrapped in timers
-        self.carry: list = []         # (state input name, state output name)
-        self.outputs: list = []
+    program, root = open_program(source)
+    name = resolve_backend(program, backend, root)
+    check_files(program, root, name)
+    b = Backend(program, root, name, core_mask, threads)
+    b.backend = name
+    return b
+
+
+class _Bound:
+    """One plan, one parity: the bound calls in order, which may overlap, and where each came from."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self):
+        self.calls: list = []   # (call, overlap, step)
 
 
 class Chain:
-    """A manifest bound to runners. `step(token) -> logits` for whole models, `run_graph` for single graphs.
+    """A program bound to runners. `step(token) -> logits`, `prefill(tokens)`, `feed`, `run_graph` (single graphs).
 
-    runners: a factory (graph dict, segment dict) -> Runner (default: everything on onnxruntime).
-    timed: accumulate per-segment wall time in `segment_times` (a separate plan; zero cost when off).
-    trace: a file to print every segment call with its inputs on (ggml-scheduler style), or None.
-    record: a callable (segment id, feed dict) called before each segment (input tracing).
+    source: a Program, an output directory / manifest.json / program.json, or an object with `.program()`.
+    runners: a Backend (runner_factory(...)); default onnxruntime for everything.
+    timed: accumulate per-segment wall time in `segment_times` (a separate binding; zero cost when off).
+    trace: a file to print every step with its inputs on, or None. record: (segment id, feed dict) before each
+    run step (the build's verification inputs). overlap: run steps the program marks `overlap` on a worker.
     """
 
-    def __init__(self, manifest, runners: Callable[[dict, dict], Runner] | None = None, timed: bool = False,
-                 trace=None, record: Callable[[str, dict], None] | None = None, progress: bool = False):
-        self.manifest = as_manifest(manifest)
-        self.model = self.manifest.model
-        factory = runners or runner_factory(self.manifest, "ort")
-        self.backend = getattr(factory, "backend", "custom")
+    def __init__(self, source, runners=None, timed: bool = False, trace=None,
+                 record: Callable[[str, dict], None] | None = None, progress: bool = False, overlap: bool = True):
+        if runners is not None and hasattr(runners, "program"):  # the backend's own program: lowered once
+            self.program, self.root = runners.program, runners.root
+        else:
+            self.program, self.root = open_program(source)
+        p = self.program
+        self.backend_obj = runners if runners is not None else runner_factory((p, self.root), "ort")
+        self.backend = getattr(self.backend_obj, "backend", getattr(self.backend_obj, "name", "custom"))
+        self.model = p.model
+        self.vocab_size = (p.model or {}).get("vocab_size")
+        self.segment_times: dict[str, list] = {}
+        self.converted_bytes = 0.0   # bytes the program's steps converted (casts, convert steps), as executed
+        self._trace, self._record = trace, record
+        self._overlap = overlap
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rwkv2rknn-cpu") if overlap else None
+        self.overlap_seconds = 0.0   # measured: CPU time spent on the worker while the main thread went on
+        self._alloc_buffers()
         self.runners: dict[str, Runner] = {}
-        self.segment_times: dict[str, list] = {}  # id -> [seconds, calls]
-        self.plans: list[_GraphPlan] = []
-        self.by_name: dict[str, _GraphPlan] = {}
-        pairs = list(self.manifest.segments())
+        self._activate(progress)
+        self._bind_all()
+        self.set_timing(timed)
+        self.parity = 0
+        self.chunk = p.prefill.tokens if p.prefill else 0
+        if p.model is not None:
+            self.reset()
+
+    # -- load ----------------------------------------------------------------------------------------------
+    def _alloc_buffers(self) -> None:
+        p = self.program
+        npu_touch = set()
+        for plan in p.plans.values():
+            for s in plan.steps:
+                if s.device == "npu":
+                    npu_touch.update(s.inputs + s.outputs)
+        for b in p.buffers:
+            if b.view_of is not None and b.id in npu_touch:
+                npu_touch.add(b.view_of)
+        self.arrays: list[np.ndarray] = [None] * len(p.buffers)  # type: ignore[list-item]
+        for b in p.buffers:
+            if b.view_of is None:
+                raw = self.backend_obj.allocate(b.nbytes, b.id in npu_touch)
+                self.arrays[b.id] = raw[:b.nbytes].view(np.dtype(b.dtype)).reshape(b.shape)
+        for b in p.buffers:
+            if b.view_of is not None:
+                base = self.arrays[b.view_of]
+                raw = base.reshape(-1).view(np.uint8)[b.offset:b.offset + b.nbytes]
+                self.arrays[b.id] = raw.view(np.dtype(b.dtype)).reshape(b.shape)
+
+    def _activate(self, progress: bool) -> None:
+        segs = list(self.program.segments.values())
         bar = None
         if progress:
-            from tqdm import tqdm
-            # disable=None: no bar when stderr is not a terminal (pipes, logs, tests)
-            bar = tqdm(total=len(pairs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False,
-                       disable=None)
-        decode = {g["name"] for g in self.manifest.graphs}
-        for g in self.manifest.all_graphs():
-            plan = _GraphPlan(g["name"])
-            plan.outputs = [t["name"] for t in g["outputs"]]
-            for seg in g["segments"]:
-                runner = factory(g, seg)
-                if bar is not None:
-                    bar.set_postfix_str(seg["id"])
-                runner.activate()
-                if bar is not None:
-                    bar.update()
-                self.runners[seg["id"]] = runner
-                ins = [t["name"] for t in seg["inputs"]]
-                outs = [t["name"] for t in seg["outputs"]]
-                fn = runner.infer_list
-                if not isinstance(runner, OrtRunner):
-                    fn = _shape_fixer(fn, seg["outputs"])
-                if trace is not None or record is not None:
-                    fn = self._traced(fn, seg, runner, ins, trace, record)
-                plan.raw.append((fn, ins, outs, seg["id"]))
-            if plan.name in decode:
-                self.plans.append(plan)
-            self.by_name[plan.name] = plan
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:  # disable=None: no bar when stderr is not a terminal
+                bar = tqdm(total=len(segs), desc=f"load ({self.backend})", unit="seg", file=sys.stderr, leave=False,
+                           disable=None)
+        for seg in segs:
+            r = self.backend_obj.runner(seg)
+            if bar is not None:
+                bar.set_postfix_str(seg.id)
+            r.activate()
+            self.runners[seg.id] = r
+            if bar is not None:
+                bar.update()
         if bar is not None:
             bar.close()
-        self.set_timing(timed)
-        if self.model is not None:
-            self._plan_model()
+
+    def _arrays_for(self, ids, tensors, parity: int):
+        swap = self._swap if parity else {}
+        out = []
+        for k, b in enumerate(ids):
+            a = self.arrays[swap.get(b, b)]
+            if tensors is not None and list(a.shape) != list(tensors[k].shape):
+                a = a.reshape(tensors[k].shape)  # [C] vs [1, C]: the same bytes
+            out.append(a)
+        return out
+
+    def _bind_all(self) -> None:
+        p = self.program
+        self._swap = p.swap_map()
+        self._raw: dict[tuple[str, int], list] = {}
+        for plan in p.plans.values():
+            for parity in ((0, 1) if p.states else (0,)):
+                calls = []
+                for s in plan.steps:
+                    if s.op == "run":
+                        seg = p.segments[s.segment]
+                        ins = self._arrays_for(s.inputs, seg.inputs, parity)
+                        outs = self._arrays_for(s.outputs, seg.outputs, parity)
+                        fn = self.runners[s.segment].bind(ins, outs)
+                    else:
+                        src, dst = self._arrays_for(s.inputs, None, parity)[0], self._arrays_for(s.outputs, None,
+                                                                                                  parity)[0]
+                        fn = _converter(src, dst)
+                        ins, outs = [src], [dst]
+                    if self._trace is not None or self._record is not None:
+                        fn = self._traced(fn, s, ins)
+                    calls.append((fn, s.overlap and self._overlap, s, ins))
+                self._raw[(plan.name, parity)] = calls
 
     def set_timing(self, on: bool) -> None:
-        """Swap in a plan whose segment calls accumulate wall time in `segment_times` (or the plain one)."""
+        """Swap in calls that accumulate wall time per segment in `segment_times` (or the plain ones)."""
         self.timed = on
-        for plan in self.by_name.values():
-            plan.steps = [(self._timed(fn, sid) if on else fn, ins, outs, sid) for fn, ins, outs, sid in plan.raw]
+        self._bound = {}
+        for key, calls in self._raw.items():
+            self._bound[key] = [(self._timed(fn, s) if on else fn, ov, s.converted_bytes) for fn, ov, s, _ in calls]
 
-    # -- plan ---------------------------------------------------------------------------------------
-    def _plan_model(self):
-        m = self.model
-        for link in m["links"]:
-            src, dst = link["from"], link["to"]
-            if src["graph"] not in self.by_name or dst["graph"] not in self.by_name:
-                raise UserError(f"{self.manifest.path}: link {src} -> {dst} names an unknown graph; split again")
-            self.by_name[dst["graph"]].links_in.append((dst["name"], self.by_name[src["graph"]].table, src["name"]))
-        self._init_state = []
-        for st in m["state"]:
-            plan = self.by_name[st["graph"]]
-            plan.carry.append((st["input"], st["output"]))
-            init = np.full(st["shape"], st["init"]["fill"], dtype=np.dtype(st["dtype"]))
-            for row, value in st["init"].get("rows", {}).items():
-                init[int(row)] = value
-            self._init_state.append((plan.table, st["input"], init))
-        self._token_buf = self._input_buffer(m["token_input"])
-        self._logits_table = self.by_name[m["logits"]["graph"]].table
-        self._logits_name = m["logits"]["name"]
-        self.vocab_size = m["vocab_size"]
-        self.chunk = 0
-        if self.manifest.prefill:
-            self._plan_prefill(self.manifest.prefill)
-        self.reset()
-
-    def _plan_prefill(self, p: dict) -> None:
-        """The prefill plan: its graphs (and decode graphs it shares, e.g. the head) with its own links."""
-        unknown = [n for n in p["order"] if n not in self.by_name]
-        if unknown or len(p["state"]) != len(self._init_state):
-            raise UserError(f"{self.manifest.path}: the prefill plan names unknown graphs or states; split again")
-        links: dict[str, list] = {n: [] for n in p["order"]}
-        for link in p["links"]:
-            src, dst = link["from"], link["to"]
-            links[dst["graph"]].append((dst["name"], self.by_name[src["graph"]].table, src["name"],
-                                        bool(link.get("last"))))
-        self._prefill_seq = [(self.by_name[n], links[n]) for n in p["order"]]
-        self._prefill_state = [(self.by_name[st["graph"]].table, st["input"], st["output"]) for st in p["state"]]
-        self._prefill_tokens = self._input_buffer(p["token_input"])
-        self._prefill_logits = (self.by_name[p["logits"]["graph"]].table, p["logits"]["name"])
-        self.chunk = int(p["chunk"])
-
-    def _input_buffer(self, ref: dict) -> np.ndarray:
-        """A zeroed array for graph input `ref` (the token ids), placed in its graph's table to be filled in."""
-        g = next(x for x in self.manifest.all_graphs() if x["name"] == ref["graph"])
-        spec = next(t for t in g["inputs"] if t["name"] == ref["name"])
-        buf = np.zeros(spec["shape"] or [], dtype=np.dtype(spec["dtype"]))
-        self.by_name[ref["graph"]].table[ref["name"]] = buf
-        return buf
-
+    # -- state ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Back to the initial recurrent state (a fresh conversation)."""
-        for table, name, init in self._init_state:
-            table[name] = init.copy()
+        """Back to the initial recurrent state (a fresh conversation), parity 0."""
+        self.parity = 0
+        for st in self.program.states:
+            a = self.arrays[st.pair[0]]
+            a[...] = st.init_fill
+            for row, value in st.init_rows.items():
+                a[int(row)] = value
+            if st.shadow:
+                s16 = self.arrays[st.shadow[0]]
+                np.copyto(s16, np.clip(a, -65504, 65504), casting="unsafe")
+
+    def _state_arrays(self, which: int = 0) -> list:
+        swap = self._swap if self.parity else {}
+        return [self.arrays[swap.get(st.pair[which], st.pair[which])] for st in self.program.states]
 
     def get_state(self) -> list[np.ndarray]:
-        return [table[name] for table, name, _ in self._init_state]
+        """Copies of the current recurrent states (in the program's order)."""
+        return [a.copy() for a in self._state_arrays()]
 
     def set_state(self, arrays: list[np.ndarray]) -> None:
-        for (table, name, _), a in zip(self._init_state, arrays):
-            table[name] = a
+        for st, dst, a in zip(self.program.states, self._state_arrays(), arrays):
+            np.copyto(dst, np.asarray(a).reshape(dst.shape), casting="unsafe")
+            if st.shadow:
+                swap = self._swap if self.parity else {}
+                np.copyto(self.arrays[swap.get(st.shadow[0], st.shadow[0])], dst, casting="unsafe")
 
-    # -- execution ------------------------------------------------------------------------------------
+    # -- execution -----------------------------------------------------------------------------------------
+    def _run(self, plan: str) -> None:
+        calls = self._bound[(plan, self.parity)]
+        futures = []
+        pool = self._pool
+        converted = 0
+        try:
+            for fn, overlap, nbytes in calls:
+                converted += nbytes
+                if overlap:
+                    futures.append(pool.submit(fn))
+                else:
+                    fn()
+        finally:
+            for f in futures:
+                f.result()
+        self.converted_bytes += converted
+
+    def _logits(self, plan) -> np.ndarray:
+        b = plan.logits
+        return self.arrays[self._swap.get(b, b) if self.parity else b]
+
     def step(self, token: int) -> np.ndarray:
-        """Feed one token id; return the logits (float32 [V]) and advance the state."""
-        self._token_buf.flat[0] = token
-        for plan in self.plans:
-            t = plan.table
-            for dst, src_table, src in plan.links_in:
-                t[dst] = src_table[src]
-            _run_steps(plan.steps, t)
-            for i, o in plan.carry:
-                t[i] = t[o]
-        return self._logits_table[self._logits_name]
+        """Feed one token id; return the logits (a view: valid until the next call) and advance the state."""
+        plan = self.program.decode
+        self.arrays[plan.token].reshape(-1)[0] = token
+        self._run("decode")
+        logits = self._logits(plan)
+        self.parity ^= 1 if self.program.states else 0
+        return logits
 
     def prefill(self, tokens) -> np.ndarray:
         """Feed exactly `chunk` tokens through the prefill plan (M per call); the logits after the last one."""
-        if len(tokens) != self.chunk:
+        plan = self.program.prefill
+        if plan is None or len(tokens) != plan.tokens:
             raise ValueError(f"prefill takes {self.chunk} tokens at a time, got {len(tokens)}")
-        self._prefill_tokens.reshape(-1)[:] = np.asarray(tokens).reshape(-1)
-        for (dt, din, _), (pt, pin, _) in zip(self._init_state, self._prefill_state):
-            pt[pin] = dt[din]
-        for plan, links in self._prefill_seq:
-            t = plan.table
-            for dst, src_table, src, last in links:
-                t[dst] = src_table[src][-1] if last else src_table[src]
-            _run_steps(plan.steps, t)
-        for (dt, din, _), (pt, _, pout) in zip(self._init_state, self._prefill_state):
-            dt[din] = pt[pout]
-        table, name = self._prefill_logits
-        return table[name]
+        self.arrays[plan.token].reshape(-1)[:] = np.asarray(tokens).reshape(-1)
+        self._run("prefill")
+        logits = self._logits(plan)
+        self.parity ^= 1 if self.program.states else 0
+        return logits
 
     def feed(self, tokens, prefill: bool = True) -> np.ndarray:
-        """Feed tokens: whole chunks through the prefill plan (when the manifest has one), the rest one by one."""
+        """Feed tokens: whole chunks through the prefill plan (when there is one), the rest one by one."""
         tokens = [int(t) for t in tokens]
         logits = None
         i = 0
@@ -279,15 +340,32 @@ class Chain:
         return logits
 
     def run_graph(self, name: str, feed: dict) -> dict:
-        """Run one graph's segments on `feed` (its graph inputs); return its graph outputs."""
-        plan = self.by_name[name]
-        t = dict(feed)
-        _run_steps(plan.steps, t)
-        return {n: t[n] for n in plan.outputs}
+        """Run graph `name` alone on `feed` (its inputs, by name); return copies of its outputs.
+
+        For a whole model this writes the graph's input buffers (links, states) directly: a test of one graph's
+        cut, not a token of the model (call reset() before generating again)."""
+        info = self.program.graphs.get(name)
+        if info is None:
+            raise KeyError(f"{name}: not a graph of this program")
+        swap = self._swap if self.parity else {}
+        for tname, b in info["inputs"].items():
+            if tname in feed:
+                a = self.arrays[swap.get(b, b)]
+                np.copyto(a, np.asarray(feed[tname]).reshape(a.shape), casting="unsafe")
+        calls = self._bound[(info.get("plan", "decode"), self.parity)]
+        for fn, _, nbytes in (calls[k] for k in sorted(info["steps"])):
+            fn()
+            self.converted_bytes += nbytes
+        return {t: self.arrays[swap.get(b, b)].copy() for t, b in info["outputs"].items()}
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         for r in self.runners.values():
             r.deactivate()
+        close = getattr(self.backend_obj, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self):
         return self
@@ -295,113 +373,48 @@ class Chain:
     def __exit__(self, *exc):
         self.close()
 
-    # -- instrumentation (only in the plan when asked for) ---------------------------------------------
-    def _timed(self, fn, sid):
-        times = self.segment_times  # an entry appears with a segment's first call (a plan not run stays out)
+    # -- instrumentation (only bound when asked for) -----------------------------------------------------
+    def _timed(self, fn, step):
+        times = self.segment_times  # an entry appears with a segment's first call
         clock = time.perf_counter
+        sid = step.segment or f"convert.{step.id}"
+        lock = threading.Lock()
 
-        def call(arrays):
+        def call():
             t0 = clock()
-            out = fn(arrays)
-            acc = times.setdefault(sid, [0.0, 0])
-            acc[0] += clock() - t0
-            acc[1] += 1
-            return out
+            fn()
+            dt = clock() - t0
+            with lock:
+                acc = times.setdefault(sid, [0.0, 0])
+                acc[0] += dt
+                acc[1] += 1
         return call
 
-    @staticmethod
-    def _traced(fn, seg, runner, ins, trace, record):
-        sid, backend = seg["id"], f"{seg['backend']}/{runner.name}"
+    def _traced(self, fn, step, ins):
+        trace, record = self._trace, self._record
+        seg = self.program.segments.get(step.segment) if step.segment else None
+        names = [t.name for t in seg.inputs] if seg else [self.program.buffers[b].name for b in step.inputs]
+        label = f"{step.segment or 'convert'} [{step.device}/{self.backend}]"
 
-        def call(arrays):
-            if record is not None:
-                record(sid, {n: np.array(a, copy=True) for n, a in zip(ins, arrays)})
+        def call():
+            if record is not None and seg is not None:
+                record(seg.id, {n: np.array(a, copy=True) for n, a in zip(names, ins)})
             if trace is not None:
                 desc = ", ".join(f"{n}:{a.dtype}{list(a.shape)}" + (
                     f"(|max| {float(np.abs(a).max()):.3g})" if a.size and a.dtype.kind == "f" else "")
-                    for n, a in zip(ins, arrays))
-                print(f"## SPLIT {sid} [{backend}] inputs: {desc}", file=trace, flush=True)
-            return fn(arrays)
+                    for n, a in zip(names, ins))
+                print(f"## STEP {step.id} {label} inputs: {desc}", file=trace, flush=True)
+            fn()
         return call
 
 
-# -- realistic random inputs and input tracing ----------------------------------------------------------
-
-def _gather_bound(onnx_path: Path, input_name: str) -> int | None:
-    """For an integer input used as Gather indices: the size of the gathered axis (vocab for embed)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:
-        return None
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = inits.get(node.input[0])
-            if dims:
-                return int(dims[axis])
-    return None
-
-
-def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> dict:
-    """Realistic random graph inputs: normal activations; small positive finite values for state;
-    valid indices for integer inputs."""
-    feed = {}
-    for spec in specs:
-        dt = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
-        if dt.kind in "iu":
-            bound = next((b for p in onnx_paths if (b := _gather_bound(p, spec["name"]))), 1)
-            feed[spec["name"]] = rng.integers(0, bound, size=shape).astype(dt)
-        elif "state" in spec["name"].lower():
-            # aa/bb/pp rows of an RWKV state: positive keeps the WKV denominator away from zero.
-            feed[spec["name"]] = rng.uniform(0.0, 0.5, size=shape).astype(dt)
-        else:
-            feed[spec["name"]] = rng.standard_normal(shape).astype(dt)
-    return feed
-
-
-def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Every segment's real inputs (onnxruntime fp32) while `tokens` go through the decode plan one by one and,
-    from the state they leave, through the prefill plan in whole chunks (at least one: the text is repeated)."""
-    manifest = as_manifest(manifest)
-    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
-    with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
-        chain.feed(tokens, prefill=False)
-        if chain.chunk and tokens:
-            text = list(tokens)
-            while len(text) < chain.chunk:
-                text += tokens
-            chain.feed(text[:max(1, len(text) // chain.chunk) * chain.chunk])
-    return seen
-
-
-def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Run the whole chain on onnxruntime fp32 and record every segment's real input feed.
-
-    Whole-model manifests: `n_tokens` random token ids are fed from the initial state token by token, and
-    (with a prefill plan) from the state they leave, `n_tokens // chunk` (at least one) chunks of random ids.
-    Single-graph manifests ("model": null): each graph gets `n_tokens` random realistic input sets.
-    Returns {segment id: [feed per call, in call order]} (arrays are copies).
-    """
-    manifest = as_manifest(manifest)
-    rng = np.random.default_rng(seed)
-    if manifest.model is not None:
-        vocab = manifest.model["vocab_size"]
-        return record_inputs(manifest, [int(t) for t in rng.integers(0, vocab, size=n_tokens)])
-    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
-    with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
-        for g in manifest.graphs:
-            paths = [manifest.resolve(s["onnx"]) for s in g["segments"]]
-            for _ in range(n_tokens):
-                chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
-    return seen
+def _converter(src: np.ndarray, dst: np.ndarray):
+    flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+    return lambda: np.copyto(flat_dst, flat_src, casting="unsafe")
 
 
 def core_mask_value(text: str | None) -> int | None:
-    """--core-mask: a name or number; None (not given) means each segment's mask from the manifest."""
+    """--core-mask: a name or number; None (not given) means each segment's mask from the program."""
     if text is None or text == "plan":
         return None
     if text in CORE_MASKS:
@@ -413,3 +426,6 @@ def core_mask_value(text: str | None) -> int | None:
     if v not in CORE_MASKS.values():
         raise UserError(f"--core-mask {text!r}: choose plan, {', '.join(CORE_MASKS)} or 0,1,2,3,4,7")
     return v
+
+
+__all__ = ["BACKENDS", "Backend", "Chain", "core_mask_value", "resolve_backend", "runner_factory"]

@@ -1,21 +1,24 @@
-"""Segment runners with one interface: activate() / infer(feed) -> dict / deactivate(), lazily loaded.
+"""Segment runners: one interface over onnxruntime, the board's RKNNLite and (rknn_c.py) librknnrt's C API.
 
-OrtRunner runs a segment ONNX on onnxruntime (CPU); RknnSimRunner runs an NPU segment in
-rknn-toolkit2's x86 simulator (rebuilt from the ONNX: the simulator cannot load .rknn files);
-RknnLiteRunner runs a .rknn on the board through rknn-toolkit-lite2.
+A runner holds one compiled segment. `bind(inputs, outputs)` takes the arrays of the program's buffers
+(allocated once by the interpreter, in the dtypes and shapes the segment declares) and returns a call with no
+arguments that runs the segment from those inputs into those outputs: nothing is allocated or looked up per
+token. `infer_list` (allocating; for checks and calibration) runs it on arrays it is given.
+
+Backends are found by name in BACKENDS ("module:Class"), imported only when chosen: the simulator's runner
+lives with the compiler (rwkv2rknn/simulate.py) and is never imported on a board.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 
 import numpy as np
 
 from rwkv2rknn.errors import UserError
 
-# rknn-toolkit-lite2 core masks (RKNNLite.NPU_CORE_*), by the names --core-mask accepts.
+# Core masks (RKNNLite.NPU_CORE_*, rknn_core_mask), by the names --core-mask accepts.
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 7}
 
 
@@ -33,10 +36,9 @@ _SO_LOCK = threading.Lock()
 def session_options(threads: int | None = None, level: str = "all"):
     """One SessionOptions shared by every session of the process.
 
-    A chain holds dozens of sessions called one after another; by default each owns a thread pool
-    whose idle threads spin, and on a small CPU those pools steal each other's cores (10x slower,
-    shared/docs/performance-facts.md). Spinning off, intra-op threads = cores, inter-op 1: each
-    session's pool sleeps while the others work.
+    A program holds dozens of sessions called one after another; by default each owns a thread pool whose idle
+    threads spin, and on a small CPU those pools steal each other's cores (10x slower). Spinning off, intra-op
+    threads = cores, inter-op 1: each session's pool sleeps while the others work.
     """
     import onnxruntime as ort
 
@@ -62,9 +64,10 @@ def session_options(threads: int | None = None, level: str = "all"):
 
 
 class Runner:
-    """Polygraphy-style runner: lazily loaded on activate(), usable as a context manager."""
+    """Polygraphy-style: lazily loaded on activate(), usable as a context manager."""
 
     name = "runner"
+    copies_io = False   # True: every call copies its inputs in and outputs out (RKNNLite's Python path)
 
     def __init__(self):
         self.is_active = False
@@ -82,12 +85,18 @@ class Runner:
             self._deactivate()
             self.is_active = False
 
+    def bind(self, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+        """A call that runs the segment from `inputs` into `outputs` (arrays in the segment's dtypes/shapes)."""
+        def call():
+            for o, v in zip(outputs, self.infer_list(inputs)):
+                np.copyto(o, np.asarray(v).reshape(o.shape), casting="unsafe")
+        return call
+
     def infer(self, feed: dict) -> dict:
-        """feed: {input name: array} -> {output name: array} (float32 for float outputs)."""
+        """feed: {input name: array} -> {output name: array}."""
         return dict(zip(self.output_names, self.infer_list([feed[n] for n in self.input_names])))
 
     def infer_list(self, arrays: list) -> list:
-        """Inputs in `input_names` order -> outputs in `output_names` order (the chain's fast path)."""
         raise NotImplementedError
 
     def __enter__(self):
@@ -104,7 +113,11 @@ class Runner:
 
 
 class OrtRunner(Runner):
-    """One ONNX model (a path or ModelProto bytes) on onnxruntime's CPUExecutionProvider."""
+    """One ONNX model (a path or ModelProto bytes) on onnxruntime's CPUExecutionProvider.
+
+    `bind` uses an IOBinding over the program's buffers: onnxruntime reads the inputs in place and writes the
+    outputs straight into them (no per-call copy or allocation of the boundary tensors).
+    """
 
     name = "ort"
 
@@ -133,95 +146,21 @@ class OrtRunner(Runner):
             raise UserError(f"{where}: onnxruntime cannot load it ({first}); split again") from None
         self.input_names = self._want_in or [i.name for i in self.session.get_inputs()]
         self.output_names = self._want_out or [o.name for o in self.session.get_outputs()]
-        self._run = self.session.run
-        self._in = self.input_names
+
+    def bind(self, inputs, outputs):
+        io = self.session.io_binding()
+        for name, a in zip(self.input_names, inputs):
+            io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name, a in zip(self.output_names, outputs):
+            io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        run = self.session.run_with_iobinding
+        return lambda: run(io)
 
     def infer_list(self, arrays: list) -> list:
-        return self._run(self.output_names, dict(zip(self._in, arrays)))
-
-    def infer(self, feed: dict) -> dict:
-        return dict(zip(self.output_names, self._run(self.output_names, {n: feed[n] for n in self._in})))
+        return self.session.run(self.output_names, dict(zip(self.input_names, arrays)))
 
     def _deactivate(self):
         self.session = None
-
-
-def quiet_fds():
-    """The toolkit logs build steps and first-inference banners on fds 1 and 2: hide them."""
-    from rwkv2rknn.compile_worker import quiet_fds as hide
-
-    return hide(True, (1, 2))
-
-
-# Built simulator objects, per process: building is slow, and a chain or a test may ask twice.
-_SIM_CACHE: dict = {}
-
-
-class RknnSimRunner(Runner):
-    """An NPU segment in rknn-toolkit2's x86 simulator, compiled in-process from the segment ONNX.
-
-    The simulator cannot load a .rknn file (shared/docs/rknn-toolkit2.md), so activation builds the
-    segment (seconds per segment); built objects are cached per process and never released early.
-    """
-
-    name = "rknn-sim"
-
-    def __init__(self, onnx_path, input_names: list[str], output_names: list[str], target: str = "rk3588",
-                 precision: str = "fp16", calib: str | None = None):
-        super().__init__()
-        self.onnx_path = str(onnx_path)
-        self.input_names, self.output_names = list(input_names), list(output_names)
-        self.target, self.precision, self.calib = target, precision, calib
-        self.rknn = None
-
-    def _activate(self):
-        from rwkv2rknn.compile_worker import compile_segment
-
-        key = (os.path.realpath(self.onnx_path), self.target, self.precision, self.calib)
-        rknn = _SIM_CACHE.get(key)
-        if rknn is None:
-            if self.precision != "fp16" and self.calib is None:
-                raise UserError(f"{self.onnx_path}: a {self.precision} segment without its calibration data; "
-                                "run `rwkv2rknn build` again (it records the data), or use --backend ort")
-            try:
-                with quiet_fds(), tempfile.TemporaryDirectory(prefix="rwkv2rknn-calib-") as tmp:
-                    dataset = _dataset_from(self.calib, self.input_names, tmp) if self.calib else None
-                    rknn = compile_segment(self.onnx_path, target=self.target, precision=self.precision,
-                                           dataset=dataset, for_simulator=True)
-            except UserError:
-                raise
-            except Exception as exc:
-                raise UserError(f"{self.onnx_path}: the RKNN simulator could not build it ({exc}); run "
-                                "`rwkv2rknn build` to see why, or use --backend ort") from None
-            _SIM_CACHE[key] = rknn
-        self.rknn = rknn
-        self._first = True
-        # Non-4-D tensors: "nchw" asks the toolkit for no layout change.
-        self._formats = ["nchw"] * len(self.input_names)
-
-    def infer_list(self, arrays: list) -> list:
-        if self._first:  # the first call prints preparation banners
-            self._first = False
-            with quiet_fds():
-                return self.infer_list(arrays)
-        outs = self.rknn.inference(inputs=list(arrays), data_format=self._formats)
-        if outs is None:
-            raise RuntimeError(f"{self.onnx_path}: simulator inference failed")
-        return [o if o.dtype == np.float32 else o.astype(np.float32) for o in outs]
-
-    def _deactivate(self):
-        self.rknn = None  # the cached object stays alive for the process
-
-
-def _dataset_from(calib_npz, order: list[str], directory) -> str:
-    """The toolkit's dataset.txt from the calibration samples a build recorded beside the segment."""
-    from rwkv2rknn.compile_worker import load_samples, write_dataset
-
-    try:
-        samples = load_samples(calib_npz)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{calib_npz}: cannot read the calibration data ({exc}); run `rwkv2rknn build` again") from None
-    return str(write_dataset(directory, samples, order))
 
 
 def rknnlite_available() -> bool:
@@ -233,17 +172,28 @@ def rknnlite_available() -> bool:
 
 
 class RknnLiteRunner(Runner):
-    """A .rknn segment on the RK3588 NPU through rknn-toolkit-lite2 (aarch64 board only).
+    """A .rknn segment on the RK3588 NPU through rknn-toolkit-lite2's Python API (aarch64 board only).
 
-    Not runnable on an x86 PC (rknnlite has no x86 wheel): it is kept thin and untested here.
+    Inputs go in their own dtype (`data_type`) and, where the model's input is already that dtype, unconverted
+    (`inputs_pass_through`); outputs come back in reused staging buffers (`reuse_outputs`) and are copied into
+    the program's buffers. What RKNNLite 2.5.0 does underneath (read from its aarch64 wheel): librknnrt through
+    ctypes.CDLL, so the NPU run releases the GIL and a CPU step can overlap it; every input copied into its own
+    buffer, every output asked for as float32 (want_float = 1) and copied out. So one copy in, one copy out
+    and an fp16 -> fp32 -> fp16 round trip per output remain per call; the rk3588 board profile prices them
+    (npu_io_copy_ns_per_byte, npu_output_fp32_ns_per_byte). Not runnable on a PC: tested against a stand-in
+    rknnlite module.
     """
 
     name = "rknn-lite"
+    copies_io = True
 
-    def __init__(self, rknn_path, input_names: list[str], output_names: list[str], core_mask: int = 0):
+    def __init__(self, rknn_path, input_names: list[str], output_names: list[str], core_mask: int = 0,
+                 input_dtypes: list[str] | None = None, label: str | None = None):
         super().__init__()
         self.rknn_path = str(rknn_path)
+        self.label = label or self.rknn_path
         self.input_names, self.output_names = list(input_names), list(output_names)
+        self.input_dtypes = list(input_dtypes or ["float32"] * len(self.input_names))
         self.core_mask = core_mask
         self._formats = ["nchw"] * len(self.input_names)
         self.rknn = None
@@ -263,16 +213,41 @@ class RknnLiteRunner(Runner):
             raise UserError(f"{self.rknn_path}: RKNNLite.init_runtime(core_mask={self.core_mask}) failed; "
                             "check the NPU driver (dmesg) and the --core-mask")
         self.rknn = rknn
+        floats = {d for d in self.input_dtypes if d in ("float16", "float32")}
+        # one data_type for the call: the inputs' own float dtype when they agree (fp16 buffers pass through)
+        self._data_type = floats.pop() if len(floats) == 1 else None
+        self._pass = [1 if d == "float16" and self._data_type == "float16" else 0 for d in self.input_dtypes]
+        self._kw = {"data_format": self._formats}
+        if self._data_type is not None:
+            self._kw["data_type"] = self._data_type
+            self._kw["inputs_pass_through"] = self._pass
+        self._kw["reuse_outputs"] = True
 
-    def infer_list(self, arrays: list) -> list:
-        # nchw: the toolkit must not re-layout 1-D/2-D activations (the same call as the simulator's)
-        outs = self.rknn.inference(inputs=list(arrays), data_format=self._formats)
+    def _call(self, arrays):
+        try:
+            outs = self.rknn.inference(inputs=list(arrays), **self._kw)
+        except TypeError:  # an rknn-toolkit-lite2 older than 2.x: no data_type / pass-through / reuse_outputs
+            self._kw = {"data_format": self._formats}
+            outs = self.rknn.inference(inputs=list(arrays), **self._kw)
         if outs is None:
             raise UserError(f"{self.rknn_path}: RKNNLite.inference returned None (NPU runtime failure); "
                             "check the NPU driver (dmesg), or run with --backend ort")
-        return [o if o.dtype == np.float32 else o.astype(np.float32) for o in outs]
+        return outs
+
+    def bind(self, inputs, outputs):
+        def call():
+            for o, v in zip(outputs, self._call(inputs)):
+                np.copyto(o, np.asarray(v).reshape(o.shape), casting="unsafe")
+        return call
+
+    def infer_list(self, arrays: list) -> list:
+        return [np.array(o) for o in self._call(arrays)]
 
     def _deactivate(self):
         if self.rknn is not None:
             self.rknn.release()
             self.rknn = None
+
+
+__all__ = ["CORE_MASKS", "OrtRunner", "RknnLiteRunner", "Runner", "cpu_count", "rknnlite_available",
+           "session_options"]

@@ -1,0 +1,97 @@
+"""Recording real segment inputs for the build (verification and calibration): the program run on onnxruntime.
+
+Compiler side: it reads ONNX (for the range of integer inputs) and the compiler's Manifest; the runtime never
+imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.run.chain import Chain, runner_factory
+
+
+def as_manifest(manifest) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+
+
+def _gather_bound(onnx_path: Path, input_name: str) -> int | None:
+    """For an integer input used as Gather indices: the size of the gathered axis (vocab for embed)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        return None
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = inits.get(node.input[0])
+            if dims:
+                return int(dims[axis])
+    return None
+
+
+def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> dict:
+    """Realistic random graph inputs: normal activations; small positive finite values for state;
+    valid indices for integer inputs."""
+    feed = {}
+    for spec in specs:
+        dt = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        if dt.kind in "iu":
+            bound = next((b for p in onnx_paths if (b := _gather_bound(p, spec["name"]))), 1)
+            feed[spec["name"]] = rng.integers(0, bound, size=shape).astype(dt)
+        elif "state" in spec["name"].lower():
+            # aa/bb/pp rows of an RWKV state: positive keeps the WKV denominator away from zero.
+            feed[spec["name"]] = rng.uniform(0.0, 0.5, size=shape).astype(dt)
+        else:
+            feed[spec["name"]] = rng.standard_normal(shape).astype(dt)
+    return feed
+
+
+def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every segment's real inputs (onnxruntime, the program's buffers) while `tokens` go through the decode plan one by one and,
+    from the state they leave, through the prefill plan in whole chunks (at least one: the text is repeated)."""
+    manifest = as_manifest(manifest)
+    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
+
+    def keep(sid, feed):
+        seen.setdefault(sid, []).append(feed)
+
+    with Chain(manifest, runner_factory(manifest, "ort"), record=keep) as chain:
+        chain.feed(tokens, prefill=False)
+        if chain.chunk and tokens:
+            text = list(tokens)
+            while len(text) < chain.chunk:
+                text += tokens
+            chain.feed(text[:max(1, len(text) // chain.chunk) * chain.chunk])
+    return seen
+
+
+def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Run the whole chain on onnxruntime fp32 and record every segment's real input feed.
+
+    Whole-model manifests: `n_tokens` random token ids are fed from the initial state token by token, and
+    (with a prefill plan) from the state they leave, `n_tokens // chunk` (at least one) chunks of random ids.
+    Single-graph manifests ("model": null): each graph gets `n_tokens` random realistic input sets.
+    Returns {segment id: [feed per call, in call order]} (arrays are copies).
+    """
+    manifest = as_manifest(manifest)
+    rng = np.random.default_rng(seed)
+    if manifest.model is not None:
+        vocab = manifest.model["vocab_size"]
+        return record_inputs(manifest, [int(t) for t in rng.integers(0, vocab, size=n_tokens)])
+    seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
+    with Chain(manifest, runner_factory(manifest, "ort"), record=lambda sid, f: seen[sid].append(f)) as chain:
+        for g in manifest.graphs:
+            paths = [manifest.resolve(s["onnx"]) for s in g["segments"]]
+            for _ in range(n_tokens):
+                chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
+    return seen
+
+
