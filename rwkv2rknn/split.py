@@ -239,6 +239,24 @@ def _graph_io(tensors, boundary, side: str) -> list[dict]:
     return out
 
 
+def _price_reports(data: dict, reports: list[GraphReport], profile) -> None:
+    """Each graph's predicted ms per token from the estimate of the whole split (its execution program: the
+    conversions it keeps, CPU steps overlapping NPU steps); the totals go into the manifest's `predicted`."""
+    from rwkv2rknn.cost.estimate import estimate
+
+    est = estimate(data, profile)
+    ms = {("decode", g.name): g.ms_per_token for g in est.decode.graphs}
+    if est.prefill is not None:
+        ms.update({("prefill", g.name): g.ms_per_token for g in est.prefill.graphs})
+    for r in reports:
+        r.predicted_ms = ms.get((r.plan, r.name), r.predicted_ms)
+    data["predicted"] = {"board": profile.name, "label": est.label,
+                         "decode_ms_per_token": round(est.decode_ms_per_token, 6),
+                         "prefill_ms_per_token": round(est.prefill_ms_per_token, 6),
+                         "decode_overlap_ms": round(est.decode.breakdown["overlap"], 6),
+                         "prefill_overlap_ms": round(est.prefill.breakdown["overlap"], 6) if est.prefill else 0.0}
+
+
 def _write_program(data: dict, stage: Path) -> None:
     """OUT/program.json: the plan lowered to the execution program the runtime executes (no build yet)."""
     from rwkv2rknn.program import PROGRAM_NAME, save
@@ -288,7 +306,7 @@ def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict,
     plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
     for name in grouped:
         plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)
-    ms = {name: sum(r.predicted_ms for r in reports if r.plan == "decode") for name, (_, reports) in plans.items()}
+    ms = {name: data["predicted"]["decode_ms_per_token"] for name, (data, _) in plans.items()}
     ranked = sorted(ms, key=lambda n: (ms[n], n))
     best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
     label = {"auto": "per-graph choice among cpu, matmul, fused, layer"}
@@ -405,11 +423,8 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             for e, _ in pre:
                 record(e)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
-                head_pre = _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                       state_update, npu_io=npu_io, link_dtypes=link_dtypes(pre_of_src))
-                for _, r in head_pre:
-                    r.predicted_ms /= chunk  # one call per chunk of prompt tokens
-                pre += head_pre
+                pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+                                   state_update, npu_io=npu_io, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own
@@ -438,10 +453,12 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     if preview:
         run(None)
         data = manifest_data()
+        _price_reports(data, reports, profile)
     else:
         with staged_directory(out_dir, force=force) as stage:
             run(stage)
             data = manifest_data()
+            _price_reports(data, reports, profile)
             if model is not None and model.tokenizer_file is not None:
                 shutil.copyfile(model.tokenizer_file, stage / "tokenizer.json")
             validate(data, out_dir / MANIFEST_NAME)

@@ -82,7 +82,9 @@ def make_manifest(out: Path, width: int = WIDTH, seed: int = 0) -> Path:
 
 def run_chain_ort(manifest_path: Path, feeds: dict) -> dict:
     """Every graph's segments in order on onnxruntime fp32 (ignores backends): all tensors by name."""
-    data = json.loads(Path(manifest_path).read_text())
+    from rwkv2rknn.manifest import Manifest
+
+    data = Manifest.load(manifest_path, check_files=False).data  # bisected halves live in build.json
     root = Path(manifest_path).parent
     env = dict(feeds)
     for g in data["graphs"]:

@@ -60,14 +60,20 @@ class RKNNLite:
         _log(event="init", path=self.path, core_mask=core_mask)
         return int(os.environ.get("FAKE_INIT_RET", "0"))
 
-    def inference(self, inputs, data_format=None):
-        _log(event="infer", path=self.path, data_format=data_format)
+    # rknn-toolkit-lite2 2.5.0's signature (read from its aarch64 wheel)
+    def inference(self, inputs, data_type=None, data_format=None, inputs_pass_through=None, get_frame_id=False,
+                  reuse_outputs=False):
+        _log(event="infer", path=self.path, data_format=data_format, data_type=data_type,
+             pass_through=inputs_pass_through, reuse_outputs=reuse_outputs, dtypes=[str(a.dtype) for a in inputs])
         if os.environ.get("FAKE_INFER_NONE"):
             return None
-        names = [i.name for i in self.sess.get_inputs()]
-        # the board computes fp16: round the inputs and outputs through float16 like the NPU would
-        feed = {n: np.asarray(a, np.float32).astype(np.float16).astype(np.float32) for n, a in zip(names, inputs)}
-        return [o.astype(np.float16) for o in self.sess.run(None, feed)]
+        if data_type is not None and any(str(a.dtype) != data_type for a in inputs):
+            return None  # the real one logs "inputs[i].dtype ... is not same as data_type" and returns None
+        specs = self.sess.get_inputs()
+        # the board computes fp16: inputs as fp16 (the model's own dtype), outputs handed back as float32
+        feed = {i.name: np.asarray(a).astype(np.float16).astype(np.float16 if "16" in i.type else np.float32)
+                for i, a in zip(specs, inputs)}
+        return [np.asarray(o).astype(np.float16).astype(np.float32) for o in self.sess.run(None, feed)]
 
     def release(self):
         self.sess = None
@@ -107,6 +113,9 @@ def test_rknn_lite_runs_every_npu_segment_with_the_core_mask(built, tmp_path):
     assert {str(Path(e["path"]).parent) for e in inits} == npu_rknn
     infers = [e for e in events if e["event"] == "infer"]
     assert infers and all(set(e["data_format"]) == {"nchw"} for e in infers)
+    # fp16 buffers go in as they are: data_type float16, passed through, staging outputs reused
+    assert all(e["data_type"] == "float16" and set(e["dtypes"]) == {"float16"} and set(e["pass_through"]) == {1}
+               and e["reuse_outputs"] for e in infers)
 
     r2, _ = _run(manifest, fake, tmp_path, "--backend", "ort", "--dump-logits", str(tmp_path / "ort.npy"))
     assert r2.returncode == 0, r2.stderr
@@ -134,10 +143,11 @@ def test_board_runtime_failures_are_one_line_errors(built, tmp_path, env, words)
 
 
 def test_default_core_mask_is_each_segments_predicted_one(built, tmp_path):
-    import json
+
+    from rwkv2rknn.manifest import Manifest
 
     manifest, fake = built
-    data = json.loads(manifest.read_text())
+    data = Manifest.load(manifest).data  # the plan joined with what the build made (build.json)
     graphs = data["graphs"] + data.get("prefill", {}).get("graphs", [])
     want = {str(manifest.parent / s["rknn"]): s["core_mask"] for g in graphs for s in g["segments"]
             if s["backend"] == "npu"}

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _segments(path):
-    data = json.loads(Path(path).read_text())
+    """The decode plan's segments with what the build made of them (the plan joined with build.json)."""
+    data = Manifest.load(path, check_files=False).data
     return [s for g in data["graphs"] for s in g["segments"]]
 
 
@@ -111,7 +112,7 @@ def test_inject_crash_bisects_to_cpu_and_keeps_numbers(tmp_path, monkeypatch, ca
     Manifest.load(mpath)
     after = run_chain_ort(mpath, {"x": x})["y"]
     np.testing.assert_array_equal(before, after)
-    placement = json.loads(mpath.read_text())["graphs"][0]["placement"]
+    placement = Manifest.load(mpath).data["graphs"][0]["placement"]
     assert {r["segment"] for r in placement} == set(segs)
 
     # The fallen-back pieces are not retried while nothing changed.

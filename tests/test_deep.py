@@ -44,7 +44,7 @@ def test_deep_split_reproduces_the_model(model_factory, tmp_path, state_update, 
     data, reports = split_model([src], tmp_path / "out", policy="deep", layers_per_call=2, state_update=state_update,
                                 progress=False)
     reports = [r for r in reports if r.plan == "decode"]
-    assert data["format_version"] == 2
+    assert data["format_version"] == 3
     names = [g["name"] for g in data["graphs"]]
     assert names == ["embed", "group_0", "group_1"]
     assert data["graphs"][1]["covers"] == ["mixing_0", "mixing_1"]
@@ -60,11 +60,16 @@ def test_deep_split_reproduces_the_model(model_factory, tmp_path, state_update, 
     got = _logits(tmp_path / "out" / "manifest.json")
     want = run_chain(src, TOKENS)
     err = np.abs(got - want).max() / np.abs(want).max()
-    if state_update == "cpu":
-        assert err <= 1e-5, err
+    # the board's buffers: fp16 between the NPU model and the CPU (the state's fp16 copy, the update's inputs)
+    assert 0 < err <= 3e-3 and min(cosine(a, b) for a, b in zip(got, want)) >= 0.99999, err
+    if state_update == "cpu":  # the state stays fp32; the NPU reads its fp16 copy, written by the update
+        assert [s["dtype"] for s in model["state"]] == ["float32"] * 4 and all(s.get("shadow") for s in model["state"])
+        exact, _ = split_model([src], tmp_path / "exact", policy="deep", layers_per_call=2, progress=False,
+                               npu_io="float32")
+        err32 = np.abs(_logits(tmp_path / "exact" / "manifest.json") - want).max() / np.abs(want).max()
+        assert err32 <= 1e-5, err32  # the cut and the legalization alone are exact
     else:  # the state is carried in fp16 between calls by design: fp16 rounding, no drift over 10 tokens
         assert [s["dtype"] for s in model["state"]] == ["float16"] * 4
-        assert 0 < err <= 2e-3 and min(cosine(a, b) for a, b in zip(got, want)) >= 0.99999, err
     # every MatMul FLOP on the NPU, two NPU calls per token
     assert sum(r.npu_segments for r in reports) == 2
     assert sum(r.npu_matmul_flops for r in reports) == sum(r.matmul_flops for r in reports)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -45,7 +44,9 @@ def _rwkv_pip_logits(pth_stem: Path, out: Path) -> np.ndarray:
 
 
 def _npu_segments(manifest: Path) -> list[dict]:
-    data = json.loads(manifest.read_text())
+    from rwkv2rknn.manifest import Manifest
+
+    data = Manifest.load(manifest, check_files=False).data
     return [s for g in data["graphs"] for s in g["segments"] if s["backend"] == "npu"]
 
 

@@ -7,7 +7,6 @@ converter's Cast-wrapped Max, int32 token Gather). `rwkv2rknn split` must accept
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +162,7 @@ def test_trained_model_from_published_pipeline_builds_clean(tmp_path):
     manifest = Manifest.load(out / "manifest.json")
     npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
     assert npu and all(s["verify"]["rel_l2"] <= 1e-2 for s in npu), [(s["id"], s["verify"]) for s in npu]
-    check = json.loads((out / "manifest.json").read_text())["build"]["verify_model"]
+    check = manifest.data["build"]["verify_model"]
     print(f"\npublished-pipeline trained model: {len(npu)} NPU segments, worst rel_l2 "
           f"{max(s['verify']['rel_l2'] for s in npu):.2e}; whole model {check}")
     assert check["tokens"] >= 16 and check["logits_cosine_min"] >= 0.999 and check["argmax_agree"] == 1.0

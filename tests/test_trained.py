@@ -7,7 +7,6 @@ onnxruntime fp32, with the figures printed (`pytest -s`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -58,7 +57,9 @@ def _step_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _npu_segments(manifest: Path) -> list[dict]:
-    data = json.loads(Path(manifest).read_text())
+    from rwkv2rknn.manifest import Manifest
+
+    data = Manifest.load(manifest, check_files=False).data
     return [s for g in data["graphs"] for s in g["segments"] if s["backend"] == "npu"]
 
 
@@ -120,7 +121,9 @@ def test_cli_build_of_trained_model_is_clean(trained_cli_build):
         assert proc.returncode == 0, f"{step}: {proc.stderr[-3000:]}"
     printed = ns.build.stdout + ns.build.stderr
     assert "warning" not in printed.lower(), printed[-3000:]
-    data = json.loads(ns.manifest.read_text())
+    from rwkv2rknn.manifest import Manifest
+
+    data = Manifest.load(ns.manifest, check_files=False).data
     npu = _npu_segments(ns.manifest)
     assert npu, "the split put nothing on the NPU"
     rel = {s["id"]: s["verify"]["rel_l2"] for s in npu}
@@ -228,7 +231,9 @@ def test_w8a8_keep_fp16_head_rebuilds_only_the_head(w8a8_default, tmp_path):
     for sid, s in npu.items():
         if sid != "head.s0":
             assert s["rknn_sha256"] == before[sid]["rknn_sha256"], sid  # not rebuilt
-    check = json.loads((out / "manifest.json").read_text())["build"]["verify_model"]
+    from rwkv2rknn.manifest import Manifest
+
+    check = Manifest.load(out / "manifest.json", check_files=False).data["build"]["verify_model"]
     print(f"\nw8a8 with an fp16 head: {check}")
     assert check["argmax_agree"] == 1.0 and check["logits_cosine_min"] >= 0.99, check
 

@@ -55,8 +55,9 @@ def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> d
 
 
 def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Every segment's real inputs (onnxruntime, the program's buffers) while `tokens` go through the decode plan one by one and,
-    from the state they leave, through the prefill plan in whole chunks (at least one: the text is repeated)."""
+    """Every segment's real inputs (the program on onnxruntime, in its buffers' dtypes) while `tokens` go through the
+    decode plan one by one and, from the state they leave, through the prefill plan in whole chunks (at least one:
+    the text is repeated)."""
     manifest = as_manifest(manifest)
     seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
 

@@ -80,14 +80,16 @@ def run(args) -> int:
                 table.add_row(row["node"], row["op"], row["segment"], row["backend"], row["reason"])
             console.print(table)
     board = data.get("board", args.board)
+    predicted = data.get("predicted") or {}
     print_summary(console, [r for r in reports if r.plan == "decode"], auto=args.policy == "auto",
-                  title=f"split summary, decode plan (per token; predicted ms on board profile {board})")
+                  title=f"split summary, decode plan (per token; predicted ms on board profile {board})",
+                  overlap_ms=predicted.get("decode_overlap_ms", 0.0))
     prefill = [r for r in reports if r.plan == "prefill"]
     if prefill:
         chunk = (data.get("prefill") or {}).get("chunk")
         print_summary(console, prefill, auto=args.policy == "auto",
                       title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token on board "
-                            f"profile {board})")
+                            f"profile {board})", overlap_ms=predicted.get("prefill_overlap_ms", 0.0))
     print_prediction(console, data, args.board)
     if not args.preview:
         n_segments = sum(r.npu_segments + r.cpu_segments for r in reports)
@@ -98,7 +100,8 @@ def run(args) -> int:
     return 0
 
 
-def print_summary(console, reports, auto: bool = False, title: str = "split summary, decode plan (per token)") -> None:
+def print_summary(console, reports, auto: bool = False, title: str = "split summary, decode plan (per token)",
+                  overlap_ms: float = 0.0) -> None:
     table = Table(title=title, title_justify="left")
     cols = ["graph"] + (["policy"] if auto else []) + ["npu segs", "cpu segs", "MatMul GFLOP", "on NPU",
                                                        "NPU<->CPU bytes", "predicted ms"]
@@ -116,6 +119,9 @@ def print_summary(console, reports, auto: bool = False, title: str = "split summ
         tot_n += r.npu_segments
         tot_c += r.cpu_segments
         tot_ms += r.predicted_ms
+    if overlap_ms:
+        table.add_row("CPU steps beside NPU steps", *([""] if auto else []), "", "", "", "", "", f"{overlap_ms:.3f}")
+        tot_ms += overlap_ms
     if len(reports) > 1:
         share = 100 * tot_npu / tot_flops if tot_flops else 0.0
         table.add_row("total", *([""] if auto else []), str(tot_n), str(tot_c), f"{tot_flops / 1e9:.4f}",

@@ -71,7 +71,7 @@ class _Lowerer:
 
     # -- one plan ---------------------------------------------------------------------------------------
     def lower_plan(self, name: str, graph_names: list[str], tokens: int, links: list[dict], token_ref: dict | None,
-                   logits_ref: dict | None, states: list[dict], state_slots: list["_Slot"]) -> Plan:
+                   logits_ref: dict | None, states: list[dict], state_slots: list[_Slot]) -> Plan:
         steps: list[Step] = []
         writer: dict[int, int] = {}          # buffer id -> step id in this run
         tables: dict[str, dict[str, int]] = {}
@@ -148,7 +148,7 @@ class _Lowerer:
             info = self.graphs.setdefault(gname, {"plan": name, "inputs": {}, "outputs": {}, "steps": []})
             own = info["plan"] == name  # the head of a prefill plan is the decode plan's graph: recorded once
 
-            def resolve(t: Tensor) -> int:
+            def resolve(t: Tensor, gname: str = gname) -> int:
                 nonlocal token_buf
                 key = (gname, t.name)
                 if token_ref and key == (token_ref["graph"], token_ref["name"]):

@@ -42,9 +42,11 @@ def lower_output(root: Path) -> Program:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a valid manifest ({exc}); rerun `rwkv2rknn split`") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise UserError(f"{path}: not an rwkv2rknn manifest (no format_version); rerun `rwkv2rknn split`")
+    version = data["format_version"]
     if not isinstance(version, int) or isinstance(version, bool):
-        raise UserError(f"{path}: not an rwkv2rknn manifest (format_version {version!r}); rerun `rwkv2rknn split`")
+        raise UserError(f"{path}: format_version {version!r} is not an integer; rerun `rwkv2rknn split`")
     if version > MANIFEST_FORMAT:
         raise UserError(f"{path}: manifest format {version} is newer than this rwkv2rknn understands "
                         f"({MANIFEST_FORMAT}); upgrade rwkv2rknn or split again with this version")
