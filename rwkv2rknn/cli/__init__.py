@@ -41,8 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the compiler needs beyond the runtime (the `compile` extra): a board install has none of them.
+COMPILER_PACKAGES = ("onnx", "onnx_graphsurgeon", "rich", "tqdm", "jsonschema", "tomli_w", "tokenizers")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in COMPILER_PACKAGES:
+            raise
+        print(f"rwkv2rknn: error: the compiler needs {exc.name}, which this install lacks (a board install has "
+              "the runtime only: python -m rwkv2rknn.run); install the compiler with pip install 'rwkv2rknn[compile]'",
+              file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a split (and optionally built) model: its execution program (OUT/program.json) with "
         "onnxruntime for CPU steps and the NPU (rknn-c or rknn-lite on the board, rknn-sim on a PC) for NPU steps.",
     )
-    p.add_argument("manifest", metavar="OUT", help="the split/build output directory (or its manifest.json or "
-                   "program.json)")
+    p.add_argument("manifest", metavar="OUT", nargs="?", help="the split/build output directory (or its "
+                   "manifest.json or program.json)")
     p.add_argument("--backend", default="auto", choices=["ort", "rknn-sim", "rknn-lite", "rknn-c", "auto"],
                    help="where NPU steps run: ort (CPU), rknn-sim (x86 simulator; compiles every NPU segment first, "
                    "slow; needs rknn-toolkit2), rknn-c (the board, librknnrt's C API: zero-copy buffers), rknn-lite "
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibrate", metavar="FILE.toml",
                    help="on the board (--backend rknn-c or rknn-lite): time the probe models `build` made and every "
                    "segment, and write a board profile that `rwkv2rknn estimate --board FILE.toml` uses")
+    g.add_argument("--doctor", action="store_true",
+                   help="which runtime pieces are installed and which backends can run here; needs no OUT")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -329,6 +331,14 @@ def _load_tokenizer(args, program, root, vocab: int, tokens, need_tok: bool):
 
 def _run(args) -> int:
     from rwkv2rknn.run.source import open_program
+
+    if args.doctor:
+        from rwkv2rknn.run.doctor import collect, print_text
+
+        print_text(collect())
+        return 0
+    if args.manifest is None:
+        raise UserError("give the output directory of `rwkv2rknn split`/`build` (OUT), or --doctor")
 
     if args.max_tokens is not None and args.max_tokens < 0:
         raise UserError("--max-tokens must be >= 0")

@@ -143,10 +143,12 @@ class Chain:
     timed: accumulate per-segment wall time in `segment_times` (a separate binding; zero cost when off).
     trace: a file to print every step with its inputs on, or None. record: (segment id, feed dict) before each
     run step (the build's verification inputs). overlap: run steps the program marks `overlap` on a worker.
+    timeline: a list to append {step, segment, device, overlap, t0, t1} to for every call (a debugging aid).
     """
 
     def __init__(self, source, runners=None, timed: bool = False, trace=None,
-                 record: Callable[[str, dict], None] | None = None, progress: bool = False, overlap: bool = True):
+                 record: Callable[[str, dict], None] | None = None, progress: bool = False, overlap: bool = True,
+                 timeline: list | None = None):
         if runners is not None and hasattr(runners, "program"):  # the backend's own program: lowered once
             self.program, self.root = runners.program, runners.root
         else:
@@ -158,7 +160,7 @@ class Chain:
         self.vocab_size = (p.model or {}).get("vocab_size")
         self.segment_times: dict[str, list] = {}
         self.converted_bytes = 0.0   # bytes the program's steps converted (casts, convert steps), as executed
-        self._trace, self._record = trace, record
+        self._trace, self._record, self._timeline = trace, record, timeline
         self._overlap = overlap
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rwkv2rknn-cpu") if overlap else None
         self.overlap_seconds = 0.0   # measured: CPU time spent on the worker while the main thread went on
@@ -180,6 +182,8 @@ class Chain:
             for s in plan.steps:
                 if s.device == "npu":
                     npu_touch.update(s.inputs + s.outputs)
+        swap = p.swap_map()
+        npu_touch |= {swap[b] for b in npu_touch if b in swap}  # a ping-pong pair serves both parities
         for b in p.buffers:
             if b.view_of is not None and b.id in npu_touch:
                 npu_touch.add(b.view_of)
@@ -246,6 +250,8 @@ class Chain:
                         ins, outs = [src], [dst]
                     if self._trace is not None or self._record is not None:
                         fn = self._traced(fn, s, ins)
+                    if self._timeline is not None:
+                        fn = self._clocked(fn, s)
                     calls.append((fn, s.overlap and self._overlap, s, ins))
                 self._raw[(plan.name, parity)] = calls
 
@@ -388,6 +394,16 @@ class Chain:
                 acc = times.setdefault(sid, [0.0, 0])
                 acc[0] += dt
                 acc[1] += 1
+        return call
+
+    def _clocked(self, fn, step):
+        timeline, clock, overlap = self._timeline, time.perf_counter, step.overlap and self._overlap
+
+        def call():
+            t0 = clock()
+            fn()
+            timeline.append({"step": step.id, "segment": step.segment, "device": step.device, "overlap": overlap,
+                             "t0": t0, "t1": clock()})
         return call
 
     def _traced(self, fn, step, ins):

@@ -18,5 +18,9 @@ if os.environ.get("RKNN_STANDIN_MAP"):
     _hooks = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _hooks
     _spec.loader.exec_module(_hooks)
+    _lib = _hooks.standin(os.environ["LIBRKNNRT_PATH"])
     with open(os.environ["RKNN_STANDIN_MAP"]) as _f:
-        _hooks.register_onnx_map(_hooks.standin(os.environ["LIBRKNNRT_PATH"]), json.load(_f))
+        _hooks.register_onnx_map(_lib, json.load(_f))
+    if os.environ.get("RKNN_STANDIN_FAIL"):  # "function:code": every call of it fails with that code
+        _fn, _code = os.environ["RKNN_STANDIN_FAIL"].rsplit(":", 1)
+        _lib.set_fail(_fn, int(_code), -1)
