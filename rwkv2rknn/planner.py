@@ -15,6 +15,7 @@ from passes.boundary import BoundaryResult, board_boundaries
 from passes.cut import TensorInfo, extract_segments
 from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
+from passes.nsplit import nsplit
 from passes.partition import propose_segments
 from passes.placement import Placement, place
 from passes.state_rule import clone_state_cone
@@ -34,6 +35,7 @@ class GraphPlan:
     prices: list     # per cut: SegmentPrice (one call)
     notes: list = ()  # legalization notes (deep): what was rewritten, what was left alone and why
     boundary: BoundaryResult | None = None  # the board dtypes of the cut's boundaries (None: fp32 boundaries)
+    extra: list = ()  # per cut: {} or an N-split piece's {"parallel", "slices", "core_mask"}
 
     @property
     def ms(self) -> float:
@@ -54,11 +56,13 @@ class Boundaries:
     every boundary as the source graph declares it (the runtime of the board converts at each NPU call).
     input_dtypes: the buffer dtype behind each graph input fed from another graph (its writer decides).
     fixed: graph inputs/outputs whose declared dtype a user feeds or reads (a single-graph split's boundary).
+    nsplit: split single-row NPU segments over the three cores where predicted faster (passes/nsplit.py).
     """
 
     npu_io: str = "float16"
     input_dtypes: dict | None = None
     fixed: frozenset = frozenset()
+    nsplit: bool = True  # price three N-split pieces (one per core) against each single-row NPU segment
 
 
 def _infos(tensors) -> list[TensorInfo]:
@@ -104,7 +108,65 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
     features = [segment_features(c.model, c.backend) for c in cuts]
     # one call of each segment, over the tokens it processes (M for a graph batched over M tokens)
     prices: list[SegmentPrice] = [price_segment(f, profile, c.backend, f.get("rows", 1)) for f, c in zip(features, cuts)]
-    return GraphPlan(policy, placement, segments, cuts, features, prices, notes, boundary)
+    extra: list[dict] = [{} for _ in cuts]
+    if boundaries.nsplit:
+        segments, cuts, features, prices, extra, boundary = _three_cores(segments, cuts, features, prices, extra,
+                                                                         boundary, profile)
+    return GraphPlan(policy, placement, segments, cuts, features, prices, notes, boundary, extra)
+
+
+PIECE_CORES = (1, 2, 4)  # NPU_CORE_0, _1, _2: one N-split piece per core
+
+
+def _three_cores(segments, cuts, features, prices, extra, boundary, profile):
+    """Each single-row NPU segment priced whole (one core, or core mask 0_1_2) and as three N-split pieces pinned
+    to the three cores (passes/nsplit.py); the pieces replace it where they are predicted faster."""
+    from passes.cut import CutSegment
+    from passes.partition import Segment
+
+    out = ([], [], [], [], [], [])
+    for seg, cut, f, price, ex, casts in zip(segments, cuts, features, prices, extra,
+                                              boundary.casts if boundary else [[]] * len(cuts)):
+        pieces = None
+        if cut.backend == "npu" and f.get("rows", 1) == 1:
+            pieces = nsplit(cut.model, len(PIECE_CORES))
+        if pieces:
+            feats = []
+            for p, mask in zip(pieces, PIECE_CORES):
+                pf = segment_features(p.model, "npu")
+                pf.update(parallel_pieces=len(pieces), pinned_core_mask=mask)
+                feats.append(pf)
+            piece_prices = [price_segment(pf, profile, "npu", 1) for pf in feats]
+            together = max(pp.seconds for pp in piece_prices) + profile.npu_parallel_us * 1e-6
+            if together < price.seconds:
+                group = f"nsplit{len(out[1])}"
+                for k, (p, pf, pp, mask) in enumerate(zip(pieces, feats, piece_prices, PIECE_CORES)):
+                    g = p.model.graph
+                    ins = [_info(v) for v in g.input]
+                    outs = [_info(v) for v in g.output]
+                    out[0].append(seg if k == 0 else Segment("npu", [], seg.reason))
+                    out[1].append(CutSegment(p.model, ins, outs, "npu", cut.matmul_flops // len(pieces), cut.nodes))
+                    out[2].append(pf)
+                    out[3].append(pp)
+                    out[4].append({"parallel": group, "core_mask": mask,
+                                   "slices": {name: {"of": t[0], "start": t[1], "stop": t[2]}
+                                              for name, t in p.outputs.items() if t is not None},
+                                   "whole": {"seconds": price.seconds, "core_mask": price.core_mask,
+                                             "pieces_seconds": together}})
+                    out[5].append(casts if k == 0 else [])
+                continue
+        for lst, v in zip(out, (seg, cut, f, price, ex, casts)):
+            lst.append(v)
+    if boundary is not None:
+        boundary.casts = out[5]
+    return out[0], out[1], out[2], out[3], out[4], boundary
+
+
+def _info(vi) -> TensorInfo:
+    import onnx
+
+    t = vi.type.tensor_type
+    return TensorInfo(vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, [d.dim_value for d in t.shape.dim])
 
 
 def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile, state_pairs=(),

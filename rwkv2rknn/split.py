@@ -126,17 +126,18 @@ def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pai
                         "with --shape NAME=D0,D1,...") from None
 
 
-def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes) -> Boundaries:
+def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes,
+                nsplit: bool = True) -> Boundaries:
     """A whole model's graphs meet through links and states; a single graph's boundary is its user's (fixed)."""
     if model is None:
-        return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs))
-    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None)
+        return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs), nsplit)
+    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit)
 
 
 def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
                 root: Path | None, profile, model: RwkvModel | None, state_update: str,
                 prefill: Unit | None = None, chunk: int = 0, npu_io: str = "float16",
-                link_dtypes=None, prefill_link_dtypes=None) -> list[tuple[dict, GraphReport]]:
+                link_dtypes=None, prefill_link_dtypes=None, nsplit: bool = True) -> list[tuple[dict, GraphReport]]:
     """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart.
 
     link_dtypes(unit) / prefill_link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs
@@ -155,11 +156,11 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
             raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
                             "--prefill-chunk 0 (no prefill plan)") from None
     plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where,
-                       _boundaries(unit, graph, model, npu_io, link_dtypes))
+                       _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
     out = [_entry(unit, graph, plan, seg_dir, root, state_update, auto)]
     if batched is not None:
         pplan, pauto = _plan(batched, policy, target, npu_all, profile, _state_pairs(prefill, model), state_update,
-                             rows, where, _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes))
+                             rows, where, _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes, nsplit))
         out.append(_entry(prefill, batched, pplan, seg_dir, root, state_update, pauto, tokens=chunk))
     return out
 
@@ -193,6 +194,13 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
                                         "elements": int(n)} for t, d, n in plan.boundary.casts[i]]
         if plan.prices[i].core_mask is not None:  # the board runner's default, from the prediction
             entry["core_mask"] = plan.prices[i].core_mask
+        extra = plan.extra[i] if plan.extra else {}
+        if extra:  # an N-split piece: pinned to its core, run beside its group, writing columns of its outputs
+            entry.update(parallel=f"{unit.name}.{extra['parallel']}", core_mask=extra["core_mask"],
+                         slices=extra["slices"],
+                         nsplit={"whole_ms": round(1e3 * extra["whole"]["seconds"], 6),
+                                 "whole_core_mask": extra["whole"]["core_mask"],
+                                 "pieces_ms": round(1e3 * extra["whole"]["pieces_seconds"], 6)})
         if seg_dir is not None:
             path = seg_dir / f"{sid}.onnx"
             onnx.save(cut.model, str(path))
@@ -327,7 +335,8 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 force: bool = False, preview: bool = False, progress: bool = True,
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
                 state_update: str = "cpu", prefill_chunk: int | None = None,
-                _record: dict | None = None, npu_io: str = "float16") -> tuple[dict, list[GraphReport]]:
+                _record: dict | None = None, npu_io: str = "float16",
+                nsplit: bool = True) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
@@ -339,13 +348,14 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     16, 0 for none); its graph entries are named prefill.<graph>.
     npu_io: "float16" (default) NPU segments read and write fp16 buffers and CPU segments convert inside their own
     graphs (passes/boundary.py); "float32" keeps every boundary fp32 (exact on onnxruntime; the board converts).
+    nsplit: where predicted faster, a single-row NPU segment becomes three pieces, one per NPU core (passes/nsplit.py).
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
         return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
                            preview=preview, progress=progress, board=board, state_update=state_update,
-                           prefill_chunk=prefill_chunk, npu_io=npu_io)
+                           prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
@@ -415,7 +425,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         root = out_dir if stage is not None else None
         for unit in bar:
             bar.set_postfix_str(unit.name)
-            links = dict(npu_io=npu_io, link_dtypes=link_dtypes(dec_of) if model else None,
+            links = dict(npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(dec_of) if model else None,
                          prefill_link_dtypes=link_dtypes(pre_of_src) if model and chunk else None)
             (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
                                                 state_update, pre_of.get(unit.name), chunk, **links)
@@ -424,7 +434,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 record(e)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
                 pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                   state_update, npu_io=npu_io, link_dtypes=link_dtypes(pre_of_src))
+                                   state_update, npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own

@@ -227,6 +227,9 @@ source = "test"
 [npu_stream_gbps_3core]
 value = 2.0
 source = "test"
+[npu_stream_gbps_mask7]
+value = 2.0
+source = "test"
 [npu_fp16_gflops]
 value = [[16, 1600.0]]
 source = "test"
@@ -276,6 +279,9 @@ source = "test"
 value = 0.0
 source = "test"
 [npu_output_fp32_ns_per_byte]
+value = 0.0
+source = "test"
+[npu_parallel_us]
 value = 0.0
 source = "test"
 """

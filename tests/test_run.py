@@ -272,7 +272,7 @@ def test_bench_without_decode_steps_gives_no_overhead_figure(split):
 
 def test_timing_off_means_plain_runner_calls(split):
     with Chain(split) as chain:
-        for key, calls in chain._bound.items():
+        for key, calls in chain._flat.items():
             for (fn, *_), (raw, *_) in zip(calls, chain._raw[key]):
                 assert fn is raw
         chain.set_timing(True)
@@ -438,3 +438,40 @@ def test_session_options_do_not_spin():
     assert so is session_options()  # one for the whole process
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert so.intra_op_num_threads == cpu_count() and so.inter_op_num_threads == 1
+
+
+# -- three NPU cores: N-split pieces in the program -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_head(model_factory, tmp_path_factory):
+    """A 2 x 256 model with the World vocabulary's 65,536 logits: its head is split over the three cores."""
+    src = model_factory(layers=2, embd=256, vocab=65536)
+    out = tmp_path_factory.mktemp("nsplit")
+    _split_model()([src], out / "split", progress=False, prefill_chunk=0)
+    _split_model()([src], out / "whole", progress=False, prefill_chunk=0, nsplit=False)
+    return out / "split", out / "whole"
+
+
+def test_nsplit_head_runs_as_three_pieces_into_one_buffer(wide_head):
+    from rwkv2rknn.cost import estimate, load_profile
+    from rwkv2rknn.manifest import Manifest
+    from rwkv2rknn.program import load
+
+    split, whole = wide_head
+    prog = load(split / "program.json")
+    group = [s for s in prog.decode.steps if s.parallel]
+    assert len(group) == 3 and {prog.segments[s.segment].core_mask for s in group} == {1, 2, 4}
+    views = [prog.buffers[s.outputs[0]] for s in group]
+    assert len({v.view_of for v in views}) == 1 and views[0].view_of == prog.decode.logits
+    assert [v.offset for v in views] == sorted(v.offset for v in views) and views[0].offset == 0
+    with Chain(split) as a, Chain(whole) as b:
+        for t in TOKENS:
+            x, y = a.step(t).copy(), b.step(t).copy()
+        np.testing.assert_array_equal(x, y)
+    # priced as pieces running at once: the group costs its slowest piece, not the sum
+    data = Manifest.load(split).data
+    e = estimate(data, load_profile("rk3588-c"))
+    head = next(g for g in e.decode.graphs if g.name == "head")
+    assert e.decode.breakdown["overlap"] < -0.5 * sum(s.ms for s in head.segments)
+    w = estimate(Manifest.load(whole).data, load_profile("rk3588-c"))
+    assert e.decode_ms_per_token < w.decode_ms_per_token

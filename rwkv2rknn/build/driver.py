@@ -164,6 +164,8 @@ def _predict_core_masks(m: Manifest) -> None:
     except UserError:
         profile = load_profile("rk3588")
     for _, seg in m.segments():
+        if seg.get("parallel"):
+            continue  # an N-split piece is pinned to its own core
         if seg["backend"] == "npu" and isinstance(seg.get("cost"), dict) and seg.get("compiler"):
             try:
                 mask = price_segment(seg["cost"], profile, "npu", 1, seg["compiler"], seg.get("precision", "fp16")).core_mask

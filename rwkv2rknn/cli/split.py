@@ -46,6 +46,9 @@ def register(sub) -> None:
                    "segments convert inside their graphs, nothing is converted per NPU call) or float32 (every "
                    "boundary as the source declares it: exact on onnxruntime, converted by the NPU runtime on every "
                    "call)")
+    p.add_argument("--no-nsplit", action="store_true",
+                   help="never split a single-row NPU segment into three pieces, one per NPU core (default: split "
+                   "where the board profile predicts it faster than one model on one core or on core mask 0_1_2)")
     p.add_argument("--npu-all", action="store_true",
                    help="let the NPU (fp16) take the WKV recurrence too (default keeps it fp32 on the CPU)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
@@ -68,7 +71,7 @@ def run(args) -> int:
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
                                 preview=args.preview, progress=not args.quiet, board=args.board,
                                 layers_per_call=args.layers_per_call, state_update=args.state_update,
-                                prefill_chunk=args.prefill_chunk, npu_io=args.npu_io)
+                                prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit)
     if args.preview:
         for rep in reports:
             for note in rep.notes:

@@ -112,12 +112,15 @@ def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler
                  precision: str, convert: bool = True) -> tuple[float, dict, int]:
     w = f["weight_bytes"]["fp16"] * (0.5 if precision == "w8a8" else 1.0)
     flops = f["matmul_flops"] * s
-    r1, r3 = p.npu_stream_gbps_1core * 1e9, p.npu_stream_gbps_3core * 1e9
+    r1, r3, r7 = p.npu_stream_gbps_1core * 1e9, p.npu_stream_gbps_3core * 1e9, p.npu_stream_gbps_mask7 * 1e9
     g1 = p.gflops(t) * 1e9
     mc, mcf = f.get("multicore_weight_share", 0.0), f.get("multicore_flops_share", 0.0)
     stream1, compute1 = w / r1, flops / g1
+    pieces = int(f.get("parallel_pieces", 1))
+    if pieces > 1:  # one of N-split pieces pinned to its own core, running beside the others: a share of r3
+        stream1 = w / (r3 / pieces)
     if mask == 7:
-        stream = w * mc / r3 + w * (1 - mc) / r1
+        stream = w * mc / r7 + w * (1 - mc) / r1
         compute = flops * mcf / (g1 * p.npu_multicore_compute_speedup) + flops * (1 - mcf) / g1
     else:
         stream, compute = stream1, compute1
@@ -182,8 +185,8 @@ def price_segment(features: dict, profile: BoardProfile, runs_on: str, tokens_pe
     if runs_on == "cpu":
         b = _cpu_cost(features, profile, s)
         return SegmentPrice(sum(b.values()), b, None, {}, 0)
-    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision, convert)
-                for mask in sorted(profile.npu_core_masks)}
+    masks = [features["pinned_core_mask"]] if features.get("pinned_core_mask") else sorted(profile.npu_core_masks)
+    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision, convert) for mask in masks}
     best = min(variants, key=lambda m: (variants[m][0], m))
     total, b, hops = variants[best]
     return SegmentPrice(total, b, best, {m: v[0] for m, v in variants.items()}, hops)
@@ -250,20 +253,31 @@ def _conversion_seconds(conv: dict, p: BoardProfile) -> float:
     return conv["bytes"] * rate * 1e-9
 
 
-def critical_path(steps, seconds: dict) -> float:
+def critical_path(steps, seconds: dict, parallel_s: float = 0.0) -> float:
     """The time of one run of a program plan: steps in order on the main thread, except those marked `overlap`,
-    which a worker runs in order beside it (each once its inputs exist); the run ends when both are done."""
+    which a worker runs in order beside it (each once its inputs exist), and the pieces of one N-split group,
+    which run at once (each on its own core; `parallel_s` to start and join them); the run ends when all are."""
     main = worker = 0.0
     finish: dict[int, float] = {}
-    for st in steps:
-        ready = max((finish.get(d, 0.0) for d in st.deps), default=0.0)
-        dur = seconds.get(st.id, 0.0)
-        if st.overlap:
-            worker = max(worker, main, ready) + dur
+    k = 0
+    while k < len(steps):
+        st = steps[k]
+        group = [st]
+        while getattr(st, "parallel", None) and k + len(group) < len(steps) and \
+                getattr(steps[k + len(group)], "parallel", None) == st.parallel:
+            group.append(steps[k + len(group)])
+        ready = max((finish.get(d, 0.0) for g in group for d in g.deps), default=0.0)
+        if len(group) > 1:
+            main = max(main, ready) + max(seconds.get(g.id, 0.0) for g in group) + parallel_s
+            for g in group:
+                finish[g.id] = main
+        elif st.overlap:
+            worker = max(worker, main, ready) + seconds.get(st.id, 0.0)
             finish[st.id] = worker
         else:
-            main = max(main, ready) + dur
+            main = max(main, ready) + seconds.get(st.id, 0.0)
             finish[st.id] = main
+        k += len(group)
     return max(main, worker)
 
 
@@ -343,7 +357,9 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
             if st.op == "run":
                 step_seconds[st.id] = step_seconds.get(st.id, 0.0) + seg_seconds.get(st.segment, 0.0)
         serial = sum(total.values())
-        total["overlap"] = min(0.0, critical_path(program_plan.steps, step_seconds) - sum(step_seconds.values()))
+        crit = critical_path(program_plan.steps, step_seconds, profile.npu_parallel_us * 1e-6)
+        total["overlap"] = min(0.0, crit - sum(step_seconds.values())) if crit < sum(step_seconds.values()) else \
+            crit - sum(step_seconds.values())
         total["overlap"] = max(total["overlap"], -serial)
     breakdown = {k: v * 1e3 / t for k, v in total.items()}
     return PlanEstimate(tokens_per_call=t, ms_per_token=sum(breakdown.values()), breakdown=breakdown,

@@ -39,13 +39,17 @@ CONSTANTS: dict[str, tuple[str, str, str]] = {
     "npu_clock_hz": ("positive", "Hz", "NPU clock the compiler's estimated cycles are counted in"),
     "npu_cycle_scale": ("positive", "", "board clock periods per compiler-estimated cycle (one core)"),
     "npu_stream_gbps_1core": ("positive", "GB/s", "weight streaming rate of one NPU core at M=1"),
-    "npu_stream_gbps_3core": ("positive", "GB/s", "weight streaming rate of three NPU cores at M=1"),
+    "npu_stream_gbps_3core": ("positive", "GB/s", "weight streaming rate of three NPU cores at M=1, N split over "
+                                                  "three models pinned one per core"),
+    "npu_stream_gbps_mask7": ("positive", "GB/s", "weight streaming rate of one model run with core mask 0_1_2 "
+                                                  "(the runtime spreads its Conv work) at M=1"),
     "npu_fp16_gflops": ("curve", "[rows, GFLOPS]", "fp16 MatMul throughput of one NPU core against rows per call"),
     "npu_multicore_compute_speedup": ("positive", "x", "compute speedup of multi-core op kinds on three cores"),
     "npu_pad_rows": ("integer", "rows", "rows the compiler pads a MatMul's M to (cycles are per padded call)"),
     "npu_call_us": ("number", "us", "fixed cost of one NPU call (one inference of one RKNN model)"),
     "npu_multicore_call_us": ("number", "us", "extra fixed cost of a call with core mask 0_1_2"),
     "npu_core_masks": ("masks", "", "core masks the runtime may use: 1 = NPU_CORE_0, 7 = NPU_CORE_0_1_2"),
+    "npu_parallel_us": ("number", "us", "starting and joining the pieces of an N-split segment, one per core"),
     "npu_op_us": ("number", "us", "one elementwise op inside an NPU model"),
     "npu_hop_us": ("number", "us", "one CPU-fallback op inside an NPU model (NPU -> CPU -> NPU)"),
     "conv_in_ns_per_byte": ("number", "ns/B", "the NPU runtime converting an fp32 input to the NPU's fp16/layout, "

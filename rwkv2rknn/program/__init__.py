@@ -53,6 +53,8 @@ class Segment:
     planned: str = "npu"        # the split's backend
     fallback_reason: str | None = None
     calib: str | None = None    # w8a8: the calibration samples (the simulator rebuilds the segment from them)
+    parallel: str | None = None  # an N-split piece: its group, run at once (one piece per core)
+    slices: dict = field(default_factory=dict)  # piece output -> {of, start, stop}: columns of a whole output
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Step:
     segment: str | None = None
     deps: list = field(default_factory=list)   # steps of the same plan run whose outputs this step reads
     overlap: bool = False       # nothing later in the run reads its outputs: may run beside the next steps
+    parallel: str | None = None  # consecutive steps of one group run at once (N-split pieces, one per core)
     core_mask: int | None = None
     converted_bytes: int = 0    # fp32-side bytes converted by this step (casts in its graph, or the convert)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from rwkv2rknn.artifacts import join, plan_graphs
-from rwkv2rknn.program import PROGRAM_VERSION, Buffer, Plan, Program, Segment, State, Step, Tensor
+from rwkv2rknn.program import ITEMSIZE, PROGRAM_VERSION, Buffer, Plan, Program, Segment, State, Step, Tensor
 
 FP32_BYTES = 4  # conversions are counted in fp32-side bytes (4 per element), as the board profiles price them
 FP16_SUFFIX = "@fp16"
@@ -52,7 +52,8 @@ def segment_of(seg: dict) -> Segment:
                    casts=list(seg.get("boundary_casts") or []),
                    planned="cpu" if seg["backend"] == "cpu" and not seg.get("fallback_reason") else "npu",
                    fallback_reason=seg.get("fallback_reason"),
-                   calib=seg.get("calib") if device == "npu" else None)
+                   calib=seg.get("calib") if device == "npu" else None,
+                   parallel=seg.get("parallel"), slices=dict(seg.get("slices") or {}))
 
 
 class _Lowerer:
@@ -98,6 +99,8 @@ class _Lowerer:
             steps.append(step)
             for b in step.outputs:
                 writer[b] = step.id
+                if self.buffers[b].view_of is not None:  # a column slice: the whole buffer is done after it
+                    writer[self.buffers[b].view_of] = step.id
             return step
 
         def convert(src: int, dtype: str, dst: int | None = None, what: str = "") -> int:
@@ -127,8 +130,6 @@ class _Lowerer:
             row_elems = _elements(sb.shape) // max(1, rows)
             if row_elems != want.elements:
                 raise LoweringError(f"a last-row link from {sb.name} {sb.shape} cannot feed {want.name} {want.shape}")
-            from rwkv2rknn.program import ITEMSIZE
-
             v = self.buffer(f"{sb.name}[-1]", sb.dtype, want.shape, "activation", view_of=src,
                             offset=(rows - 1) * row_elems * ITEMSIZE[sb.dtype])
             views[src] = v
@@ -171,6 +172,10 @@ class _Lowerer:
                     return self.buffer(f"{name}/{gname}/{t.name}", t.dtype, t.shape, "input")
                 raise LoweringError(f"graph {gname} input {t.name!r} is fed by no link, state or token")
 
+            whole_cols: dict[str, int] = {}  # an N-split output: its columns over all pieces
+            for raw in g["segments"]:
+                for sl in (raw.get("slices") or {}).values():
+                    whole_cols[sl["of"]] = max(whole_cols.get(sl["of"], 0), int(sl["stop"]))
             for raw in g["segments"]:
                 seg = self.segments.setdefault(raw["id"], segment_of(raw))
                 ins = []
@@ -195,6 +200,16 @@ class _Lowerer:
                             b = tmp
                     elif key in shadow_out:
                         b = state_slots[shadow_out[key]].shadow[1]
+                    elif t.name in seg.slices:  # columns [start, stop) of a whole output: a view of its buffer
+                        sl = seg.slices[t.name]
+                        whole = table.get(sl["of"])
+                        if whole is None and (gname, sl["of"]) in state_out:
+                            whole = table[sl["of"]] = state_slots[state_out[(gname, sl["of"])]].pair[1]
+                        if whole is None:
+                            whole = table[sl["of"]] = self.buffer(f"{name}/{gname}/{sl['of']}", t.dtype,
+                                                                   t.shape[:-1] + [whole_cols[sl["of"]]])
+                        b = self.buffer(f"{name}/{gname}/{t.name}", t.dtype, t.shape, view_of=whole,
+                                        offset=int(sl["start"]) * ITEMSIZE[t.dtype])
                     else:
                         b = self.buffer(f"{name}/{gname}/{t.name}", t.dtype, t.shape)
                     table[t.name] = b
@@ -205,7 +220,8 @@ class _Lowerer:
                     npu_conv = sum(t.elements * FP32_BYTES for t in seg.inputs + seg.outputs if t.dtype == "float32")
                 step = add_step(Step(0, "run", ins, outs, seg.device, graph=gname, segment=seg.id,
                                      core_mask=seg.core_mask if seg.device == "npu" else None,
-                                     converted_bytes=casts + npu_conv))
+                                     converted_bytes=casts + npu_conv,
+                                     parallel=seg.parallel if seg.device == "npu" else None))
                 for c in seg.casts:
                     conversions.append({"step": step.id, "kind": "cpu", "where": f"cast inside {seg.id} (onnxruntime)",
                                         "tensor": c["tensor"], "bytes": int(c["elements"]) * FP32_BYTES})

@@ -258,9 +258,11 @@ class Chain:
     def set_timing(self, on: bool) -> None:
         """Swap in calls that accumulate wall time per segment in `segment_times` (or the plain ones)."""
         self.timed = on
-        self._bound = {}
+        self._bound, self._flat = {}, {}
         for key, calls in self._raw.items():
-            self._bound[key] = [(self._timed(fn, s) if on else fn, ov, s.converted_bytes) for fn, ov, s, _ in calls]
+            bound = [(self._timed(fn, s) if on else fn, ov, s.converted_bytes) for fn, ov, s, _ in calls]
+            self._flat[key] = bound  # by step id (one graph alone)
+            self._bound[key] = _grouped(bound, [s.parallel for _, _, s, _ in calls])
 
     # -- state ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -358,7 +360,7 @@ class Chain:
             if tname in feed:
                 a = self.arrays[swap.get(b, b)]
                 np.copyto(a, np.asarray(feed[tname]).reshape(a.shape), casting="unsafe")
-        calls = self._bound[(info.get("plan", "decode"), self.parity)]
+        calls = self._flat[(info.get("plan", "decode"), self.parity)]
         for fn, _, nbytes in (calls[k] for k in sorted(info["steps"])):
             fn()
             self.converted_bytes += nbytes
@@ -367,6 +369,10 @@ class Chain:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        for calls in getattr(self, "_bound", {}).values():
+            for fn, _, _ in calls:
+                if isinstance(fn, _ParallelCall) and fn.pool is not None:
+                    fn.pool.shutdown(wait=True)
         for r in self.runners.values():
             r.deactivate()
         close = getattr(self.backend_obj, "close", None)
@@ -422,6 +428,38 @@ class Chain:
                 print(f"## STEP {step.id} {label} inputs: {desc}", file=trace, flush=True)
             fn()
         return call
+
+
+def _grouped(bound: list, groups: list) -> list:
+    """Bound calls with each run of consecutive calls of one parallel group (N-split pieces) made one call that
+    runs them at once; the group's converted bytes add up."""
+    out, k = [], 0
+    while k < len(bound):
+        g = groups[k]
+        j = k + 1
+        while g and j < len(bound) and groups[j] == g:
+            j += 1
+        if j - k > 1:
+            fns = [fn for fn, _, _ in bound[k:j]]
+            out.append((_ParallelCall(fns), False, sum(nb for _, _, nb in bound[k:j])))
+        else:
+            out.append(bound[k])
+        k = j
+    return out
+
+
+class _ParallelCall:
+    """Runs its calls at once on threads of its own (created on first use) and waits for all of them."""
+
+    def __init__(self, fns: list):
+        self.fns = fns
+        self.pool = None
+
+    def __call__(self):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(len(self.fns), thread_name_prefix="rwkv2rknn-npu")
+        for f in [self.pool.submit(fn) for fn in self.fns]:
+            f.result()
 
 
 def _converter(src: np.ndarray, dst: np.ndarray):
