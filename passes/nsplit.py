@@ -145,29 +145,7 @@ def nsplit(model: onnx.ModelProto, pieces: int = 3, min_bytes: int = 256 * 1024)
     out = []
     for k, (c0, c1) in enumerate(bounds):
         rename = {t: f"{t}#{k}" for t in cols}
-        new_inits = []
-        sliced: dict[str, str] = {}
-
-        def column_const(name: str, consumer_out: str, op: str = "") -> str:
-            if name not in inits or consumer_out not in cols:
-                return name
-            arr = numpy_helper.to_array(inits[name])
-            if op == "Reshape":  # the target shape of a row reshape: its last entry is the columns
-                key = f"{name}#{k}"
-                if key not in sliced:
-                    shape = arr.copy()
-                    shape[-1] = c1 - c0
-                    new_inits.append(numpy_helper.from_array(shape, key))
-                    sliced[key] = key
-                return key
-            if arr.ndim and arr.shape[-1] == n:
-                key = f"{name}#{k}"
-                if key not in sliced:
-                    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr[..., c0:c1]), key))
-                    sliced[key] = key
-                return key
-            return name
-
+        consts = _ColumnConsts(inits, n, k, c0, c1)
         nodes = []
         for node in g.node:
             new = onnx.NodeProto()
@@ -179,7 +157,7 @@ def nsplit(model: onnx.ModelProto, pieces: int = 3, min_bytes: int = 256 * 1024)
                     if i in rename:
                         ins.append(rename[i])
                     else:
-                        ins.append(column_const(i, node.output[0], node.op_type))
+                        ins.append(consts.get(i, node.op_type) if node.output[0] in cols else i)
                 new.input[:] = ins
                 new.output[:] = [rename.get(o, o) for o in node.output]
                 new.name = f"{node.name}#{k}"
@@ -187,7 +165,7 @@ def nsplit(model: onnx.ModelProto, pieces: int = 3, min_bytes: int = 256 * 1024)
         wanted = [rename[o] for o in outputs if o in cols] + ([o for o in outputs if o not in cols] if k == 0 else [])
         nodes = _needed(nodes, set(wanted))
         used = {i for nd in nodes for i in nd.input}
-        keep_inits = [t for t in g.initializer if t.name in used] + [t for t in new_inits if t.name in used]
+        keep_inits = [t for t in g.initializer if t.name in used] + [t for t in consts.made if t.name in used]
         piece_inputs = [i for i in g.input if i.name in used and i.name not in inits]
         vis = {v.name: v for v in list(g.output) + list(g.value_info)}
         piece_outputs = []
@@ -208,6 +186,34 @@ def nsplit(model: onnx.ModelProto, pieces: int = 3, min_bytes: int = 256 * 1024)
         onnx.checker.check_model(m)
         out.append(Piece(m, k, (c0, c1), mapping))
     return out
+
+
+class _ColumnConsts:
+    """The constants of one piece: a constant along the columns sliced to [c0, c1), a row Reshape's target shape
+    given the piece's width; everything else shared as it is."""
+
+    def __init__(self, inits: dict, n: int, k: int, c0: int, c1: int):
+        self.inits, self.n, self.k, self.c0, self.c1 = inits, n, k, c0, c1
+        self.made: list = []
+        self._names: dict[str, str] = {}
+
+    def get(self, name: str, op: str) -> str:
+        if name not in self.inits:
+            return name
+        if name in self._names:
+            return self._names[name]
+        arr = numpy_helper.to_array(self.inits[name])
+        if op == "Reshape":
+            new = arr.copy()
+            new[-1] = self.c1 - self.c0
+        elif arr.ndim and arr.shape[-1] == self.n:
+            new = np.ascontiguousarray(arr[..., self.c0:self.c1])
+        else:
+            return name
+        key = f"{name}#{self.k}"
+        self.made.append(numpy_helper.from_array(new, key))
+        self._names[name] = key
+        return key
 
 
 def _needed(nodes: list, wanted: set) -> list:
