@@ -228,3 +228,37 @@ class RKNNLite:
     def release(self):
         self.sess = None
 '''
+
+
+def test_show_program_json_lists_steps_and_buffers_of_both_plans(built):
+    r = runtime_only(built, "--show-program", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["format"] == "rwkv2rknn-program" and set(d["plans"]) == {"decode", "prefill"}
+    n = len(d["buffers"])
+    for plan in d["plans"].values():
+        assert plan["steps"] and all(0 <= b < n for s in plan["steps"] for b in s["inputs"] + s["outputs"])
+        assert all(s["op"] in ("run", "convert") for s in plan["steps"])
+        assert plan["converted_bytes_per_token"] == pytest.approx(plan["converted_bytes"] / plan["tokens"])
+    assert all({"id", "name", "dtype", "shape", "role"} <= set(b) for b in d["buffers"])
+    assert d["states"] and all(len(s["pair"]) == 2 for s in d["states"])
+    text = runtime_only(built, "--show-program")
+    assert text.returncode == 0 and "plan decode" in text.stdout and "plan prefill" in text.stdout
+
+
+def test_estimate_prices_exactly_the_bytes_the_runtime_converts(built):
+    """`run --bench --json`'s converted_bytes_per_token, times the profile's rate, is the estimate's conversion."""
+    r = runtime_only(built, "--backend", "ort", "--bench", "--json", "-q", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    converted = json.loads(r.stdout.strip().splitlines()[-1])["converted_bytes_per_token"]
+    assert converted > 0
+    for board in ("rk3588", "rk3588-c"):
+        e = subprocess.run([sys.executable, "-m", "rwkv2rknn", "estimate", str(built), "--board", board, "--json"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert e.returncode == 0, e.stderr
+        d = json.loads(e.stdout.strip().splitlines()[-1])
+        conv = d["conversion"]
+        assert conv["converted_bytes_per_token"] == pytest.approx(converted)
+        assert conv["npu_runtime_bytes_per_token"] == 0  # an fp16 build: nothing left for the NPU's runtime
+        assert d["breakdown"]["conversion"] == pytest.approx(converted * conv["cpu_convert_ns_per_byte"] * 1e-6)
+        assert set(d["runtimes"]) >= {"rk3588", "rk3588-c"} and all(v["predicted"] for v in d["runtimes"].values())
