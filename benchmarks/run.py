@@ -102,15 +102,18 @@ def estimate_table(est: dict) -> list[str]:
                    f"{t['predicted_ms']:.1f} | {'yes' if t['within'] else 'NO'} ({t['tolerance']:g}x) |")
     if est.get("rwkv7"):
         rk = est.get("rkllm") or {}
-        out += ["", "**PREDICTED RWKV-7 board time per token** (random weights of the shapes, board profile rk3588; "
-                "predictions, not measurements), beside Rockchip's own RKLLM (a published board measurement)", "",
-                "| shape | plan | decode ms/token | prefill ms/token | NPU calls/token |", "|---|---|---:|---:|---:|"]
+        out += ["", "**PREDICTED RWKV-7 board time per token** (random fp16 weights of the shapes; predictions from "
+                "the board profiles rk3588 = Python RKNNLite and rk3588-c = librknnrt's C API with bound buffers, not "
+                "measurements), beside Rockchip's own RKLLM (a published board measurement)", "",
+                "| shape | plan | board profile | decode ms/token | prefill ms/token | conversion ms/token | "
+                "NPU calls/token |", "|---|---|---|---:|---:|---:|---:|"]
         for r in est["rwkv7"]:
-            out.append(f"| {r['shape']} | rwkv2rknn {r['policy']} (predicted) | {r['decode_ms_per_token']:.1f} | "
-                       f"{r['prefill_ms_per_token']:.1f} | {r['npu_calls_per_token']:g} |")
+            out.append(f"| {r['shape']} | rwkv2rknn {r['policy']} fp16 (predicted) | {r.get('board', 'rk3588')} | "
+                       f"{r['decode_ms_per_token']:.1f} | {r['prefill_ms_per_token']:.1f} | "
+                       f"{r['breakdown'].get('conversion', 0.0):.1f} | {r['npu_calls_per_token']:g} |")
         if rk:
-            out.append(f"| {rk['shape']} | RKLLM 1.3.0 w8a8 (published) | {rk['decode_ms_per_token']:.0f} | "
-                       f"{rk['prefill_ms_per_token']:.1f} | - |")
+            out.append(f"| {rk['shape']} | RKLLM 1.3.0 w8a8 (published) | board | {rk['decode_ms_per_token']:.0f} | "
+                       f"{rk['prefill_ms_per_token']:.1f} | - | - |")
     out.append("")
     return out
 
