@@ -284,6 +284,9 @@ source = "test"
 [npu_parallel_us]
 value = 0.0
 source = "test"
+[npu_int8_compute_speedup]
+value = 1.0
+source = "test"
 """
 
 
@@ -712,3 +715,16 @@ def test_backtest_430m_full_split(tmp_path):
     c = estimate(cheap, load_profile("rk3588"), all_cpu=True)
     assert c.decode_ms_per_token == pytest.approx(d["cpu_only"]["decode_ms_per_token"], rel=1e-9)
     assert not math.isnan(d["prefill_ms_per_token"])
+
+
+def test_estimate_precision_w8a8_prices_a_split_as_if_built_int8(tiny_split):
+    """Before a build: --precision w8a8 halves the weights streamed and adds the NPU runtime's int8 quantizing of
+    every NPU input and output to the conversions; a build's recorded precision would replace the assumption."""
+    fp16 = json.loads(cli("estimate", str(tiny_split), "--board", "rk3588-c", "--json").stdout.strip().splitlines()[-1])
+    w8 = json.loads(cli("estimate", str(tiny_split), "--board", "rk3588-c", "--precision", "w8a8",
+                        "--json").stdout.strip().splitlines()[-1])
+    assert fp16["precision"] == "fp16" and w8["precision"] == "w8a8"
+    assert w8["breakdown"]["npu_stream"] == pytest.approx(fp16["breakdown"]["npu_stream"] / 2)
+    assert w8["conversion"]["npu_runtime_bytes_per_token"] > 0 == fp16["conversion"]["npu_runtime_bytes_per_token"]
+    r = cli("estimate", str(tiny_split), "--precision", "int4")
+    assert r.returncode == 2 and "--precision" in r.stderr

@@ -32,6 +32,9 @@ def register(sub) -> None:
                    "printed side by side whichever is named")
     p.add_argument("--tokens-per-call", type=int, default=1, metavar="T",
                    help="price the plan as if every call processed T tokens (default 1: decode)")
+    p.add_argument("--precision", choices=["fp16", "w8a8"], default=None,
+                   help="price NPU segments as if built at this precision (before a build that takes an hour); a "
+                   "build's recorded per-segment precision replaces the assumption (default: the build's, else fp16)")
     p.add_argument("--segments", action="store_true", help="also print every segment")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (on the last line of stdout) instead of tables")
@@ -70,12 +73,13 @@ def run(args) -> int:
     profile = load_profile(args.board)
     manifest = Manifest.load(args.out, check_files=False)
     data, computed = with_features(manifest.data, _loader(manifest))
-    program = program_of(data)
-    est = estimate(data, profile, args.tokens_per_call, program=program)
+    program = program_of(data, args.precision or (data.get("build") or {}).get("precision", "fp16"))
+    est = estimate(data, profile, args.tokens_per_call, program=program, precision=args.precision)
     cpu = estimate(data, profile, args.tokens_per_call, all_cpu=True)
     result = summary(est, cpu, manifest, computed)
     result["conversion"] = conversion_summary(program, profile)
-    result["runtimes"] = runtimes(data, program, args.tokens_per_call, profile)
+    result["runtimes"] = runtimes(data, program, args.tokens_per_call, profile, args.precision)
+    result["precision"] = args.precision or (data.get("build") or {}).get("precision", "fp16")
     if args.json:
         print(json.dumps(result))
         return 0
@@ -88,7 +92,7 @@ RUNTIME_PROFILES = {"rk3588": "Python RKNNLite (copies each call's inputs and ou
                     "rk3588-c": "librknnrt C API (buffers bound once, zero copy)"}
 
 
-def runtimes(data: dict, program, tokens_per_call: int, named) -> dict:
+def runtimes(data: dict, program, tokens_per_call: int, named, precision: str | None = None) -> dict:
     """The same plan priced on each runtime's profile (and the named one): decode and prefill ms per token."""
     from rwkv2rknn.cost.estimate import estimate
     from rwkv2rknn.cost.profile import load_profile
@@ -96,7 +100,7 @@ def runtimes(data: dict, program, tokens_per_call: int, named) -> dict:
     out = {}
     for name in list(RUNTIME_PROFILES) + ([named.name] if named.name not in RUNTIME_PROFILES else []):
         prof = named if name == named.name else load_profile(name)
-        e = estimate(data, prof, tokens_per_call, program=program)
+        e = estimate(data, prof, tokens_per_call, program=program, precision=precision)
         out[name] = {"runtime": RUNTIME_PROFILES.get(name, str(prof.path)), "decode_ms_per_token": e.decode_ms_per_token,
                      "prefill_ms_per_token": e.prefill_ms_per_token, "conversion_ms_per_token": e.breakdown["conversion"],
                      "io_copy_ms_per_token": e.breakdown["io_copy"], "overlap_ms_per_token": e.breakdown["overlap"],

@@ -113,7 +113,7 @@ def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler
     w = f["weight_bytes"]["fp16"] * (0.5 if precision == "w8a8" else 1.0)
     flops = f["matmul_flops"] * s
     r1, r3, r7 = p.npu_stream_gbps_1core * 1e9, p.npu_stream_gbps_3core * 1e9, p.npu_stream_gbps_mask7 * 1e9
-    g1 = p.gflops(t) * 1e9
+    g1 = p.gflops(t) * 1e9 * (p.npu_int8_compute_speedup if precision == "w8a8" else 1.0)
     mc, mcf = f.get("multicore_weight_share", 0.0), f.get("multicore_flops_share", 0.0)
     stream1, compute1 = w / r1, flops / g1
     pieces = int(f.get("parallel_pieces", 1))
@@ -367,19 +367,20 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
                         measured_ms_per_token=measured_sum / t if all_measured and graphs else None)
 
 
-def program_of(manifest_data: dict):
+def program_of(manifest_data: dict, precision: str = "fp16"):
     """The execution program of manifest data (plan and build results joined), or None where it cannot be made
-    (an old or partial manifest: the estimate then prices every fp32 boundary per segment)."""
+    (an old or partial manifest: the estimate then prices every fp32 boundary per segment). precision: what an
+    NPU segment without a recorded precision is assumed to be built at."""
     from rwkv2rknn.program.lower import lower
 
     try:
-        return lower(manifest_data, None)
+        return lower(manifest_data, None, assume_precision=precision)
     except (ValueError, KeyError, TypeError):
         return None
 
 
 def estimate(manifest_data: dict, profile: BoardProfile, tokens_per_call: int = 1, loader: Loader | None = None,
-             all_cpu: bool = False, program=None) -> Estimate:
+             all_cpu: bool = False, program=None, precision: str | None = None) -> Estimate:
     """Predict the per-token time of a manifest's plan on the board `profile` describes.
 
     tokens_per_call: T tokens per call of the manifest's plan (1 = decode; T > 1 prices the same segments as if
@@ -388,14 +389,18 @@ def estimate(manifest_data: dict, profile: BoardProfile, tokens_per_call: int = 
     all_cpu: price every graph as one onnxruntime session (the CPU-only plan of the same model).
     program: the execution program (lowered from the data when not given): conversions and the critical path
       come from it.
+    precision: price NPU segments as if built at this precision ("w8a8": int8 weights and compute, the NPU
+      runtime quantizing their inputs and dequantizing their outputs), where the build recorded none.
     A manifest key "prefill" = {"chunk": M, "graphs": [...]} is priced at M tokens per call; without it the
     prefill figure is the main plan at `tokens_per_call`.
     """
     if tokens_per_call < 1:
         raise UserError(f"tokens per call {tokens_per_call}: must be at least 1")
-    precision = (manifest_data.get("build") or {}).get("precision", "fp16")
+    if precision is not None and precision not in ("fp16", "w8a8"):
+        raise UserError(f"--precision {precision!r}: choose fp16 or w8a8")
+    precision = precision or (manifest_data.get("build") or {}).get("precision", "fp16")
     if program is None and not all_cpu:
-        program = program_of(manifest_data)
+        program = program_of(manifest_data, precision)
     decode = _price_plan(manifest_data["graphs"], profile, tokens_per_call, loader, all_cpu, precision,
                          program_plan=program.decode if program is not None and tokens_per_call == 1 else None)
     pre = manifest_data.get("prefill")

@@ -45,6 +45,7 @@ CONSTANTS: dict[str, tuple[str, str, str]] = {
                                                   "(the runtime spreads its Conv work) at M=1"),
     "npu_fp16_gflops": ("curve", "[rows, GFLOPS]", "fp16 MatMul throughput of one NPU core against rows per call"),
     "npu_multicore_compute_speedup": ("positive", "x", "compute speedup of multi-core op kinds on three cores"),
+    "npu_int8_compute_speedup": ("positive", "x", "int8 (w8a8) MatMul throughput over fp16"),
     "npu_pad_rows": ("integer", "rows", "rows the compiler pads a MatMul's M to (cycles are per padded call)"),
     "npu_call_us": ("number", "us", "fixed cost of one NPU call (one inference of one RKNN model)"),
     "npu_multicore_call_us": ("number", "us", "extra fixed cost of a call with core mask 0_1_2"),

@@ -41,14 +41,16 @@ def _elements(shape) -> int:
     return int(math.prod(shape)) if shape else 1
 
 
-def segment_of(seg: dict) -> Segment:
-    """A program segment from a (joined) manifest segment entry."""
+def segment_of(seg: dict, assume_precision: str | None = None) -> Segment:
+    """A program segment from a (joined) manifest segment entry (assume_precision: an NPU segment's precision
+    where no build recorded one)."""
     device = "cpu" if seg["backend"] == "cpu" or seg.get("fallback_reason") else "npu"
     return Segment(id=seg["id"], device=device, onnx=seg["onnx"], inputs=[_tensor(t) for t in seg["inputs"]],
                    outputs=[_tensor(t) for t in seg["outputs"]], onnx_sha256=seg.get("sha256"),
                    rknn=seg.get("rknn") if device == "npu" else None,
                    rknn_sha256=seg.get("rknn_sha256") if device == "npu" else None,
-                   precision=seg.get("precision"), core_mask=seg.get("core_mask"),
+                   precision=seg.get("precision") or (assume_precision if device == "npu" else None),
+                   core_mask=seg.get("core_mask"),
                    casts=list(seg.get("boundary_casts") or []),
                    planned="cpu" if seg["backend"] == "cpu" and not seg.get("fallback_reason") else "npu",
                    fallback_reason=seg.get("fallback_reason"),
@@ -57,8 +59,9 @@ def segment_of(seg: dict) -> Segment:
 
 
 class _Lowerer:
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, assume_precision: str | None = None):
         self.data = data
+        self.assume_precision = assume_precision
         self.buffers: list[Buffer] = []
         self.segments: dict[str, Segment] = {}
         self.graph_by_name = {g["name"]: g for g in plan_graphs(data)}
@@ -177,7 +180,7 @@ class _Lowerer:
                 for sl in (raw.get("slices") or {}).values():
                     whole_cols[sl["of"]] = max(whole_cols.get(sl["of"], 0), int(sl["stop"]))
             for raw in g["segments"]:
-                seg = self.segments.setdefault(raw["id"], segment_of(raw))
+                seg = self.segments.setdefault(raw["id"], segment_of(raw, self.assume_precision))
                 ins = []
                 for t in seg.inputs:
                     if t.name in table:
@@ -216,8 +219,11 @@ class _Lowerer:
                     outs.append(b)
                 casts = sum(int(c["elements"]) * FP32_BYTES for c in seg.casts)
                 npu_conv = 0
-                if seg.device == "npu":  # an fp32 boundary of an NPU segment: the NPU runtime converts it
-                    npu_conv = sum(t.elements * FP32_BYTES for t in seg.inputs + seg.outputs if t.dtype == "float32")
+                if seg.device == "npu":  # an fp32 boundary of an NPU segment: the NPU runtime converts it; a w8a8
+                    # model's tensors are int8 on the NPU: it quantizes every float input, dequantizes every output
+                    quantized = seg.precision == "w8a8"
+                    npu_conv = sum(t.elements * FP32_BYTES for t in seg.inputs + seg.outputs
+                                   if t.dtype == "float32" or (quantized and t.dtype == "float16"))
                 step = add_step(Step(0, "run", ins, outs, seg.device, graph=gname, segment=seg.id,
                                      core_mask=seg.core_mask if seg.device == "npu" else None,
                                      converted_bytes=casts + npu_conv,
@@ -227,7 +233,8 @@ class _Lowerer:
                                         "tensor": c["tensor"], "bytes": int(c["elements"]) * FP32_BYTES})
                 if npu_conv:
                     conversions.append({"step": step.id, "kind": "npu_runtime",
-                                        "where": f"NPU runtime, fp32 boundary of {seg.id}",
+                                        "where": f"NPU runtime, {'int8 (w8a8)' if seg.precision == 'w8a8' else 'fp32'} "
+                                                 f"boundary of {seg.id}",
                                         "tensor": ",".join(t.name for t in seg.inputs + seg.outputs
                                                            if t.dtype == "float32"), "bytes": npu_conv})
                 for tmp, b in late:
@@ -277,10 +284,12 @@ def _mark_overlap(steps: list[Step], segments: dict, logits: int | None) -> None
         read_later |= set(step.inputs)
 
 
-def lower(plan: dict, record: dict | None = None, producer: str = "", source: dict | None = None) -> Program:
-    """The execution program of a plan (manifest data, format 3) and a build record (None before a build)."""
+def lower(plan: dict, record: dict | None = None, producer: str = "", source: dict | None = None,
+          assume_precision: str | None = None) -> Program:
+    """The execution program of a plan (manifest data, format 3) and a build record (None before a build).
+    assume_precision: an NPU segment's precision where the build recorded none (the estimate's what-if)."""
     data = join(plan, record)
-    low = _Lowerer(data)
+    low = _Lowerer(data, assume_precision)
     model = data.get("model")
     states: list[State] = []
     slots: list[_Slot] = []

@@ -1,4 +1,4 @@
-"""Tokenizers for the runtime: bytes (V=256), the RWKV World trie vocab, or a tokenizer.json."""
+"""Tokenizers for the runtime: bytes (V=256), the RWKV World vocab (pyrwkv-tokenizer), or a tokenizer.json."""
 
 from __future__ import annotations
 
@@ -21,28 +21,52 @@ class BytesTokenizer:
 
 
 class WorldTokenizer:
-    """The RWKV World vocabulary through the `rwkv` package's pure-Python trie (no torch import)."""
+    """The RWKV World vocabulary (65,530 ids, RWKV-5/6/7 World) through `pyrwkv-tokenizer`, a Rust trie.
+
+    Its encode gives the ids of the reference trie (BlinkDL's rwkv_tokenizer.py); its decode returns str and
+    panics on a token that ends inside a UTF-8 sequence, so decode_bytes reads each id's bytes from a table:
+    the package's get_vocab() for the text tokens and its vocab file's b'..' lines for the ~480 byte tokens."""
 
     name = "world"
+    _NOT_TEXT = "Binary string (TODO)"  # get_vocab()'s key for every token that is not UTF-8
 
     def __init__(self):
         try:
-            import rwkv
-            from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+            import pyrwkv_tokenizer
         except ImportError:
-            raise UserError("--tokenizer world needs the `rwkv` package (pip install rwkv), which ships "
-                            "rwkv_vocab_v20230424.txt") from None
-        vocab = Path(rwkv.__file__).with_name("rwkv_vocab_v20230424.txt")
-        if not vocab.exists():
-            raise UserError(f"{vocab}: missing from the installed `rwkv` package; reinstall it")
-        self.trie = TRIE_TOKENIZER(str(vocab))
-        self.vocab_size = max(self.trie.idx2token) + 1
+            raise UserError("--tokenizer world needs the `pyrwkv-tokenizer` package: pip install pyrwkv-tokenizer "
+                            "(or pip install 'rwkv2rknn[board]')") from None
+        self.tok = pyrwkv_tokenizer.RWKVTokenizer()
+        self.vocab_size = self.tok.vocab_size()  # 65530: ids 1..65529, and 0 (end of text)
+        self._bytes: list[bytes] | None = None
 
     def encode(self, text: str) -> list[int]:
-        return self.trie.encodeBytes(text.encode("utf-8"))
+        return list(self.tok.encode(text))
+
+    def _table(self) -> list[bytes]:
+        import ast
+        import re
+
+        table: list[bytes | None] = [None] * self.vocab_size
+        for text, i in self.tok.get_vocab().items():
+            if text != self._NOT_TEXT:
+                table[i] = text if isinstance(text, bytes) else text.encode("utf-8")
+        table[0] = b""  # end of text (the package keeps a NUL there; the reference has no id 0)
+        with open(self.tok.vocab_filepath, encoding="utf-8") as f:
+            for m in re.finditer(r"^(\d+) (b['\"].*) \d+$", f.read(), re.M):  # the byte tokens: b'\xe4\xb8'
+                table[int(m[1])] = ast.literal_eval(m[2])
+        missing = [i for i, b in enumerate(table) if b is None]
+        if missing:
+            raise UserError(f"{self.tok.vocab_filepath}: no bytes for token id {missing[0]}; reinstall pyrwkv-tokenizer")
+        return table
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        return self.trie.decodeBytes(ids)
+        """The bytes of ids (possibly a partial UTF-8 sequence); ids past the vocab (65530..65535 of a model's
+        padded head, never trained) are empty."""
+        if self._bytes is None:
+            self._bytes = self._table()
+        table, n = self._bytes, self.vocab_size
+        return b"".join(table[i] if 0 <= i < n else b"" for i in ids)
 
 
 class JsonTokenizer:
