@@ -16,9 +16,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 # the runtime's own needs (rwkv2rknn/run/__init__.py says why): numpy and onnxruntime; on the board also
-# rknn-toolkit-lite2 (librknnrt comes with the board's image), tokenizers for text, tomli-w for --calibrate
+# rknn-toolkit-lite2 (librknnrt comes with the board's image), tokenizers and pyrwkv-tokenizer for text,
+# tomli-w for --calibrate
 RUNTIME = {"numpy", "onnxruntime"}
-BOARD = RUNTIME | {"rknn-toolkit-lite2", "tokenizers", "tomli-w"}
+BOARD = RUNTIME | {"rknn-toolkit-lite2", "tokenizers", "pyrwkv-tokenizer", "tomli-w"}
 COMPILER = {"onnx", "onnx-graphsurgeon", "rknn-toolkit2", "torch", "jsonschema", "rich", "tqdm"}
 
 
