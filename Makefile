@@ -38,7 +38,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile constraints.txt
 	$(PIP) install -c constraints.txt --no-deps $(RKNN)
 	$(PIP) install -c constraints.txt numpy onnx protobuf setuptools \
 	    psutil ruamel.yaml scipy tqdm fast-histogram opencv-python-headless
-	$(PIP) install -c constraints.txt -e ".[compile,board,dev,bench]"
+	$(PIP) install -c constraints.txt -e ".[compile,board,dev,bench,serve]"
 	@echo "note: pip's resolver warns that rknn-toolkit2 wants torch<=2.4 and opencv-python; that is expected:"
 	@echo "      the toolkit runs with the CPU torch 2.13 and opencv-python-headless installed here."
 	$(BIN)/python -c "import rknn.api, onnxruntime, onnx_graphsurgeon, rwkv2rknn" 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # rknn-toolkit-lite2 (librknnrt comes with the board's image), tokenizers and pyrwkv-tokenizer for text,
 # tomli-w for --calibrate
 RUNTIME = {"numpy", "onnxruntime"}
-BOARD = RUNTIME | {"rknn-toolkit-lite2", "tokenizers", "pyrwkv-tokenizer", "tomli-w"}
+BOARD = RUNTIME | {"rknn-toolkit-lite2", "tokenizers", "pyrwkv-tokenizer", "tomli-w", "starlette", "uvicorn"}
 COMPILER = {"onnx", "onnx-graphsurgeon", "rknn-toolkit2", "torch", "jsonschema", "rich", "tqdm"}
 
 

@@ -142,7 +142,11 @@ def _run(args) -> int:
                 say(f"WARNING: {host} is not a loopback address: other machines can reach this unauthenticated server")
         config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5,
                                 access_log=args.log_level in ("info", "debug"))
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C: the normal way to stop
+            pass
+        say("stopped")
     finally:
         chain.close()
     return 0

@@ -12,6 +12,7 @@ PAGE = r"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>rwkv2rknn chat</title>
 <style>
+  [hidden] { display: none !important; }
   :root { font-family: system-ui, sans-serif; color: #1d232a; background: #f4f5f7; }
   body { margin: 0; display: flex; flex-direction: column; height: 100vh; }
   header { padding: 8px 16px; background: #20303f; color: #fff; display: flex; gap: 16px; align-items: center;
