@@ -567,3 +567,90 @@ def test_chat_page_streams_a_reply_in_headless_chromium(srv4, tmp_path):
     computed = len(b"User: Again\n\nAssistant:")
     assert f"{cached} cached, {computed} computed" in status, status
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+
+
+# -- the pieces, in process ---------------------------------------------------------------------------------------
+
+def test_stop_matcher_holds_back_a_partial_stop_across_pieces():
+    from rwkv2rknn.serve.sampling import StopMatcher
+
+    m = StopMatcher(["\n\n", "END"])
+    sent = []
+    for piece in ["ab", "c\n", "x", "E", "N", "d\n", "\n", "tail"]:
+        text, stopped = m.add(piece)
+        sent.append(text)
+        if stopped:
+            break
+    assert "".join(sent) == "abc\nxENd" and stopped
+    assert sent[1] == "c" and sent[2] == "\nx" and sent[3] == "" and sent[4] == ""  # "\n" and "EN" were held back
+    m = StopMatcher(["END"])
+    assert m.add("the EN") == ("the ", False) and m.flush() == "EN"  # at the end, what was held back goes out
+
+
+def test_sampler_penalties_top_p_top_k_and_seed():
+    from rwkv2rknn.serve.sampling import GenParams, Sampler
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))  # token 0 leads token 1 by log(5/3) = 0.51
+    greedy = Sampler(GenParams(temperature=0, presence_penalty=0.3, frequency_penalty=0.2, penalty_decay=0.5), 4)
+    assert greedy.sample(logits) == 0
+    greedy.update(0)  # occurrence 1: penalty 0.3 + 1 * 0.2 = 0.5 < 0.51
+    assert greedy.sample(logits) == 0
+    greedy.update(0)  # occurrence 1 * 0.5 + 1 = 1.5: penalty 0.3 + 1.5 * 0.2 = 0.6 > 0.51
+    assert np.isclose(greedy.occurrence[0], 1.5) and greedy.sample(logits) == 1
+    nucleus = Sampler(GenParams(top_p=0.6, presence_penalty=0, frequency_penalty=0, seed=3), 4)
+    assert set(nucleus.sample(logits) for _ in range(300)) == {0, 1}  # 0.5 < 0.6 <= 0.8: the top two
+    top1 = Sampler(GenParams(top_p=1.0, top_k=1, presence_penalty=0, frequency_penalty=0, seed=3), 4)
+    assert {top1.sample(logits) for _ in range(50)} == {0}
+    a, b = (Sampler(GenParams(top_p=1.0, seed=7), 4) for _ in range(2))
+    assert [a.sample(logits) for _ in range(30)] == [b.sample(logits) for _ in range(30)]  # seeded: reproducible
+    hot = Sampler(GenParams(top_p=1.0, temperature=2.0, presence_penalty=0, frequency_penalty=0, seed=1), 4)
+    cold = Sampler(GenParams(top_p=1.0, temperature=0.5, presence_penalty=0, frequency_penalty=0, seed=1), 4)
+    n_hot = sum(hot.sample(logits) == 3 for _ in range(2000))
+    n_cold = sum(cold.sample(logits) == 3 for _ in range(2000))
+    assert n_hot > 2 * n_cold  # temperature flattens (probs ** (1 / T), as the rwkv package samples)
+
+
+def test_state_cache_longest_prefix_and_byte_bound():
+    from rwkv2rknn.serve.cache import StateCache
+
+    state = [np.zeros(100, np.float32)]  # 400 bytes + 4 of logits + 8 per token
+    cache = StateCache(3 * 460)
+    logits = np.zeros(1, np.float32)
+    assert cache.put([1, 2, 3], state, logits) and cache.put([1, 2, 3, 4, 5], [s + 5 for s in state], logits)
+    assert cache.lookup([1, 2, 3, 4, 5, 6]).tokens == (1, 2, 3, 4, 5)  # the longest cached prefix
+    assert cache.lookup([1, 2, 3, 9]).tokens == (1, 2, 3)
+    assert cache.lookup([1, 2]) is None and cache.lookup([7, 1, 2, 3]) is None
+    cache.lookup([1, 2, 3])  # most recently used: [1, 2, 3]; least: [1, 2, 3, 4, 5]
+    cache.put([8], state, logits)
+    cache.put([9], state, logits)
+    assert cache.bytes <= cache.max_bytes and cache.evictions == 1
+    assert cache.lookup([1, 2, 3, 4, 5]).tokens == (1, 2, 3)  # the LRU entry went first
+    assert not StateCache(0).put([1], state, logits)  # off
+
+
+def test_chat_template_is_the_rwkv_world_format():
+    from rwkv2rknn.serve.template import render
+
+    msgs = [("system", "Be brief."), ("user", "Hi\r\n\r\nthere  "), ("assistant", " Hello"), ("developer", "x")]
+    assert render(msgs[:3]) == "System: Be brief.\n\nUser: Hi\nthere\n\nAssistant: Hello\n\nAssistant:"
+    assert render(msgs, generation_prompt=False).endswith("Assistant: Hello\n\nSystem: x\n\n")
+
+
+def test_torch_free_pth_reader_matches_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from rwkv2rknn.serve.statefile import read_pth
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 4, 5, generator=g)
+    sd = {"f32": base, "f16": base.half(), "bf16": base.bfloat16(), "view": base.transpose(0, 2)[1:],
+          "param": torch.nn.Parameter(base[0].clone()), "i64": torch.arange(6)}
+    torch.save(sd, tmp_path / "t.pth")
+    got = read_pth(tmp_path / "t.pth")
+    for k, v in sd.items():
+        want = v.detach().float().numpy() if k == "bf16" else v.detach().numpy()
+        assert got[k].shape == want.shape and np.array_equal(got[k], want), k
+    torch.save({"x": base, "f": print}, tmp_path / "evil.pth")  # a pickle naming a global beyond tensors
+    from rwkv2rknn.serve.statefile import StateFileError
+
+    with pytest.raises(StateFileError, match="print, which"):
+        read_pth(tmp_path / "evil.pth")
