@@ -36,3 +36,45 @@ def fp16_boundary(graph: gs.Graph, names: list[str]) -> gs.Graph:
     if missing:
         raise ValueError(f"fp16_boundary: no float32 graph input or output named {sorted(missing)[0]!r}")
     return toposort(graph)
+
+
+BOUNDARY_CASTS = (".cast_in", ".cast_out", ".to_fp32", ".to_fp16")
+
+
+def fp32_boundary(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse for a compiler that quantizes: a copy whose fp16 boundaries are fp32 again (the Casts at
+    the inputs and outputs that passes/boundary.py and fp16_boundary put there removed).
+
+    rknn-toolkit2 2.5.0's w8a8 quantizer fails on some graphs with such Casts (a KeyError in its fp16 hybrid
+    step, seen on an RWKV-7 prefill segment); a w8a8 model's tensors are int8 on the NPU anyway, so what its
+    runtime converts from does not change. Values: the same, computed from the fp32 inputs.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    ins = {v.name: v for v in g.input}
+    outs = {v.name: v for v in g.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Cast" and n.name.endswith(BOUNDARY_CASTS) and n.input[0] in ins \
+                and ins[n.input[0]].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            ins[n.input[0]].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            rename[n.output[0]] = n.input[0]  # the graph's uses of the cast read the input itself
+            continue
+        if n.op_type == "Cast" and n.name.endswith(BOUNDARY_CASTS) and n.output[0] in outs \
+                and outs[n.output[0]].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            outs[n.output[0]].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            rename[n.input[0]] = n.output[0]  # the producer writes the output's name directly
+            continue
+        keep.append(n)
+    for n in keep:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+    del g.node[:]
+    g.node.extend(keep)
+    for vi in list(g.value_info):
+        if vi.name in rename:
+            g.value_info.remove(vi)
+    onnx.checker.check_model(m)
+    return m

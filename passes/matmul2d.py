@@ -90,6 +90,23 @@ def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
         if in_shape is not None and in_shape == out_shape and id(out) not in outputs:
             bypass(node, src)
             continue
+        if in_shape is not None and in_shape == out_shape and _renamable(src, outputs):
+            # a graph output that is a no-op Reshape of an inner tensor: the inner tensor takes the output's
+            # place (a compiler that drops the Reshape would otherwise find two outputs of one value)
+            producer = src.inputs[0]
+            for consumer in list(src.outputs):
+                if consumer is not node:
+                    consumer.inputs[consumer.inputs.index(src)] = out
+            node.inputs.clear()
+            node.outputs.clear()
+            producer.outputs[producer.outputs.index(src)] = out
+            continue
         keep.append(node)
     graph.nodes = keep
     return graph
+
+
+def _renamable(src, outputs: set) -> bool:
+    """An inner tensor made by one node, neither a graph input nor output nor a constant."""
+    return (isinstance(src, gs.Variable) and len(src.inputs) == 1 and id(src) not in outputs
+            and not isinstance(src.inputs[0], gs.Constant))

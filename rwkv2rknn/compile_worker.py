@@ -67,6 +67,8 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision == "w8a8":  # the quantizer wants fp32 boundaries (passes.fp16_io.fp32_boundary says why)
+        onnx_path = _fp32_boundary_copy(onnx_path)
     with quiet_fds(quiet and not verbose):
         rknn = RKNN(verbose=verbose)
     ok = False
@@ -92,6 +94,34 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
         if not (ok and for_simulator):
             with quiet_fds(quiet and not verbose):
                 rknn.release()
+
+
+def _fp32_boundary_copy(onnx_path):
+    """The segment with fp32 boundaries, beside it (a temporary file the toolkit reads), when it has fp16 ones."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from passes.fp16_io import fp32_boundary
+
+    model = onnx.load(str(onnx_path))
+    fp16 = onnx.TensorProto.FLOAT16
+    if not any(v.type.tensor_type.elem_type == fp16 for v in list(model.graph.input) + list(model.graph.output)):
+        return onnx_path
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(onnx_path).stem}.", suffix=".fp32io.onnx")
+    os.close(fd)
+    onnx.save(fp32_boundary(model), tmp)
+    return tmp
+
+
+def as_model_dtypes(arrays: list, precision: str) -> list:
+    """Inputs for a model compiled at `precision`: a w8a8 model takes fp32 where the segment declares fp16."""
+    import numpy as np
+
+    if precision != "w8a8":
+        return list(arrays)
+    return [np.asarray(a, np.float32) if np.asarray(a).dtype == np.float16 else a for a in arrays]
 
 
 # -- the child-process side of `rwkv2rknn build` --------------------------------------------------
@@ -148,7 +178,8 @@ def write_dataset(directory, samples: list[dict], order: list[str]):
         paths = []
         for k, n in enumerate(order):
             p = directory / f"{i}_{k}.npy"
-            np.save(p, np.ascontiguousarray(feed[n]))
+            a = np.asarray(feed[n])  # the quantizer reads fp32 (the model it quantizes has fp32 boundaries)
+            np.save(p, np.ascontiguousarray(a.astype(np.float32) if a.dtype == np.float16 else a))
             paths.append(str(p.resolve()))
         lines.append(" ".join(paths))
     ds = directory / "dataset.txt"
@@ -184,7 +215,8 @@ def verify_segment(rknn, onnx_path, samples: list[dict], precision: str = "fp16"
         feed = {n: np.ascontiguousarray(feed[n]) for n in in_names}
         ref = sess.run(None, feed)
         # "nchw" for every input: the ONNX layout as is, so the toolkit transposes nothing.
-        got = rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names))
+        got = rknn.inference(inputs=as_model_dtypes([feed[n] for n in in_names], precision),
+                             data_format=["nchw"] * len(in_names))
         if got is None or len(got) != len(ref):
             raise CompileError("simulator inference returned no outputs")
         shaped = []

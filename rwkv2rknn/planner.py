@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from passes.boundary import BoundaryResult, board_boundaries
+from passes.combine import combine_parallel
+from passes.norm_affine import flat_norm_affine
 from passes.cut import TensorInfo, extract_segments
 from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
@@ -83,6 +85,8 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
     """
     pol = policies.get(policy)
     notes = []
+    if pol.segmenter != "cpu":  # fewer, larger ops for the NPU: the token-shift mixes stacked; a group norm's
+        graph = flat_norm_affine(combine_parallel(graph))  # affine on the flat vector, as w8a8 wants (both exact)
     if pol.segmenter == "deep":
         if state_update not in STATE_UPDATES:
             raise ValueError(f"state update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")

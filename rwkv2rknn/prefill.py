@@ -36,8 +36,11 @@ def prefill_units(units: list[Unit]) -> tuple[list[Unit], Unit | None]:
 
 def batched(graph: gs.Graph, chunk: int, state_pairs: list[tuple[str, str]]) -> tuple[gs.Graph, dict]:
     """(the graph batched to `chunk` tokens, the recurrent rows of its states found on the single-token graph)."""
+    from passes.matmul2d import cancel_reshapes
+
     rows = recurrent_rows(graph, state_pairs) if state_pairs else {}
-    return batch_tokens(graph, chunk, state_pairs), rows
+    # the batched graph's reshapes that became no-ops (e.g. [M, N] -> [M, N]) go, graph outputs included
+    return cancel_reshapes(batch_tokens(graph, chunk, state_pairs)).cleanup().toposort(), rows
 
 
 def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, entries: list[dict],

@@ -72,7 +72,9 @@ class RknnSimRunner(Runner):
             self._first = False
             with quiet_fds():
                 return self.infer_list(arrays)
-        outs = self.rknn.inference(inputs=list(arrays), data_format=self._formats)
+        from rwkv2rknn.compile_worker import as_model_dtypes
+
+        outs = self.rknn.inference(inputs=as_model_dtypes(arrays, self.precision), data_format=self._formats)
         if outs is None:
             raise RuntimeError(f"{self.onnx_path}: simulator inference failed")
         return [np.asarray(o) for o in outs]

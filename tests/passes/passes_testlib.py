@@ -1,6 +1,8 @@
 """Test helpers for passes: a llama.onnx-style RWKV-4 mixing graph built with onnx.helper, ORT runners."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -154,8 +156,16 @@ def rknn_build_and_run(model: onnx.ModelProto, path, samples=(), in_names=()):
 
     from rwkv2rknn.compiler_table import capture_fds, parse_compiler_table
 
+    import contextlib
+
     onnx.save(model, str(path))
     rknn = RKNN(verbose=True)
+    # the verbose compiler writes check*.onnx into the working directory: keep them beside the model
+    with contextlib.chdir(Path(path).parent):
+        return _build_and_run(rknn, path, samples, in_names, capture_fds, parse_compiler_table)
+
+
+def _build_and_run(rknn, path, samples, in_names, capture_fds, parse_compiler_table):
     try:
         with capture_fds() as cap:
             assert rknn.config(target_platform="rk3588") == 0
