@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BENCHES = ("partition", "estimate", "runtime", "build")
+BENCHES = ("partition", "estimate", "runtime", "build", "serve")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -74,6 +74,16 @@ def tables() -> str:
             lines.append(f"| {name} | {r['npu_segments']} | {r['cold_seconds']:.1f} | {r['warm_seconds']:.2f} | "
                          f"{100 * r['warm_vs_cold']:.1f}% | {r['warm_compiles']} | {rel_txt} | {cos_txt} |")
         lines.append("")
+    sv = _load("serve")
+    if sv:
+        lat = sv["latency_ms"]
+        lines += [f"**Serving** (`python -m rwkv2rknn.serve`, {sv['model']}, backend {sv['backend']}; "
+                  f"{sv['clients']} concurrent `openai`-style clients x {sv['requests_per_client']} requests, "
+                  f"{sv['max_tokens']} greedy tokens each, clients and server on the same 2 cores)", "",
+                  "| requests | failures | cross-talk | requests/s | tokens/s | p50 ms | p95 ms |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {sv['requests']} | {sv['failures']} | {sv['crosstalk']} | {sv['requests_per_s']:.1f} | "
+                  f"{sv['completion_tokens_per_s']:.0f} | {lat['p50']:.0f} | {lat['p95']:.0f} |", ""]
     return "\n".join(lines)
 
 
