@@ -20,7 +20,7 @@ BUILD_NAME = "build.json"
 RECORD_VERSION = 1
 # Per-segment keys a build writes; a rebuild clears them first so no entry names a file being replaced.
 SEGMENT_KEYS = ("rknn", "rknn_sha256", "toolkit", "precision", "precision_reason", "verify", "build_key",
-                "fallback_reason", "calib", "calib_sha256", "compiler")
+                "fallback_reason", "calib", "calib_sha256", "compiler", "hybrid")
 # Keys a build may set on a segment that the plan also carries (the build refines the plan's guess).
 REFINED_KEYS = ("core_mask",)
 

@@ -67,8 +67,6 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
-    if precision == "w8a8":  # the quantizer wants fp32 boundaries (passes.fp16_io.fp32_boundary says why)
-        onnx_path = _fp32_boundary_copy(onnx_path)
     with quiet_fds(quiet and not verbose):
         rknn = RKNN(verbose=verbose)
     ok = False
@@ -94,34 +92,6 @@ def compile_segment(onnx_path, target: str = "rk3588", precision: str = "fp16", 
         if not (ok and for_simulator):
             with quiet_fds(quiet and not verbose):
                 rknn.release()
-
-
-def _fp32_boundary_copy(onnx_path):
-    """The segment with fp32 boundaries, beside it (a temporary file the toolkit reads), when it has fp16 ones."""
-    import tempfile
-    from pathlib import Path
-
-    import onnx
-
-    from passes.fp16_io import fp32_boundary
-
-    model = onnx.load(str(onnx_path))
-    fp16 = onnx.TensorProto.FLOAT16
-    if not any(v.type.tensor_type.elem_type == fp16 for v in list(model.graph.input) + list(model.graph.output)):
-        return onnx_path
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(onnx_path).stem}.", suffix=".fp32io.onnx")
-    os.close(fd)
-    onnx.save(fp32_boundary(model), tmp)
-    return tmp
-
-
-def as_model_dtypes(arrays: list, precision: str) -> list:
-    """Inputs for a model compiled at `precision`: a w8a8 model takes fp32 where the segment declares fp16."""
-    import numpy as np
-
-    if precision != "w8a8":
-        return list(arrays)
-    return [np.asarray(a, np.float32) if np.asarray(a).dtype == np.float16 else a for a in arrays]
 
 
 # -- the child-process side of `rwkv2rknn build` --------------------------------------------------
@@ -178,8 +148,7 @@ def write_dataset(directory, samples: list[dict], order: list[str]):
         paths = []
         for k, n in enumerate(order):
             p = directory / f"{i}_{k}.npy"
-            a = np.asarray(feed[n])  # the quantizer reads fp32 (the model it quantizes has fp32 boundaries)
-            np.save(p, np.ascontiguousarray(a.astype(np.float32) if a.dtype == np.float16 else a))
+            np.save(p, np.ascontiguousarray(feed[n]))
             paths.append(str(p.resolve()))
         lines.append(" ".join(paths))
     ds = directory / "dataset.txt"
@@ -215,8 +184,7 @@ def verify_segment(rknn, onnx_path, samples: list[dict], precision: str = "fp16"
         feed = {n: np.ascontiguousarray(feed[n]) for n in in_names}
         ref = sess.run(None, feed)
         # "nchw" for every input: the ONNX layout as is, so the toolkit transposes nothing.
-        got = rknn.inference(inputs=as_model_dtypes([feed[n] for n in in_names], precision),
-                             data_format=["nchw"] * len(in_names))
+        got = rknn.inference(inputs=[feed[n] for n in in_names], data_format=["nchw"] * len(in_names))
         if got is None or len(got) != len(ref):
             raise CompileError("simulator inference returned no outputs")
         shaped = []
@@ -233,16 +201,89 @@ def verify_segment(rknn, onnx_path, samples: list[dict], precision: str = "fp16"
 BUILD_MARKER = "rwkv2rknn: building precision="
 
 
-def _build_and_verify(job: dict, precision: str) -> dict:
-    print(f"{BUILD_MARKER}{precision}", flush=True)
-    verify = job.get("verify_inputs")
-    rknn = compile_segment(job["onnx"], target=job["target"], precision=precision,
-                           dataset=job.get("dataset"), rknn_out=job["rknn_out"],
-                           for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
-    if not verify:
-        return {"precision": precision, "verify": None}
+HEAVY_SHARE = 4  # hybrid: a Conv keeps int8 weights when they are at least 1/4 of the largest Conv's
+
+
+def compile_hybrid(onnx_path, target: str, dataset: str, rknn_out: str | None = None, for_simulator: bool = False,
+                   verbose: bool = False, quiet: bool = True):
+    """w8a8 where it pays, fp16 elsewhere: the heavy MatMuls (Convs) keep int8 weights and activations, every
+    other layer (LoRA MatMuls, norms, the elementwise ops) is built float16, through rknn-toolkit2's
+    hybrid_quantization_step1/2 (its `custom_quantize_layers`, which take float16 only).
+
+    Returns (the RKNN object if for_simulator else None, {"int8_weight_share": fraction of the weight bytes
+    kept int8, "fp16_layers": how many layers went fp16}). Writes its step files into the working directory.
+    """
+    import glob
+
+    import numpy as np
+    import onnx
+    from rknn.api import RKNN
+
+    with quiet_fds(quiet and not verbose):
+        first = RKNN(verbose=verbose)
+        try:
+            if first.config(target_platform=target) != 0 or first.load_onnx(model=str(onnx_path)) != 0:
+                raise CompileError(f"hybrid: could not load {onnx_path}")
+            if first.hybrid_quantization_step1(dataset=dataset, proposal=False) != 0:
+                raise CompileError("hybrid_quantization_step1 failed")
+        finally:
+            first.release()
+    stem = os.path.splitext(os.path.basename(str(onnx_path)))[0]
+    cfgs = sorted(glob.glob(f"{stem}.quantization.cfg"), key=os.path.getmtime)
+    if not cfgs:
+        raise CompileError(f"hybrid_quantization_step1 wrote no {stem}.quantization.cfg")
+    cfg = cfgs[-1]
+    model = onnx.load(f"{stem}.model", load_external_data=False)
+    inits = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    convs = [(n, inits.get(n.input[1], 0)) for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1]
+    largest = max((w for _, w in convs), default=0)
+    heavy = {id(n) for n, w in convs if largest and w * HEAVY_SHARE >= largest}
+    keep16 = [n.output[0] for n in model.graph.node if n.op_type != "exDataConvert" and id(n) not in heavy]
+    int8_bytes = sum(w for n, w in convs if id(n) in heavy)
+    all_bytes = sum(inits.values()) or 1
+    text = open(cfg).read()
+    layers = "custom_quantize_layers:\n" + "".join(f"    {name}: float16\n" for name in keep16)
+    if "custom_quantize_layers: {}" not in text:
+        raise CompileError(f"{cfg}: no empty custom_quantize_layers to fill")
+    with open(cfg, "w") as f:
+        f.write(text.replace("custom_quantize_layers: {}\n", layers, 1))
+    with quiet_fds(quiet and not verbose):
+        rknn = RKNN(verbose=verbose)
+    ok = False
     try:
-        return {"precision": precision, "verify": verify_segment(rknn, job["onnx"], load_samples(verify), precision)}
+        with quiet_fds(quiet and not verbose):
+            if rknn.hybrid_quantization_step2(model_input=f"{stem}.model", data_input=f"{stem}.data",
+                                              model_quantization_cfg=cfg) != 0:
+                raise CompileError("hybrid_quantization_step2 failed")
+            if rknn_out is not None and rknn.export_rknn(str(rknn_out)) != 0:
+                raise CompileError(f"export_rknn({rknn_out}) failed")
+            if for_simulator and rknn.init_runtime() != 0:
+                raise CompileError("init_runtime() on the simulator failed")
+        ok = True
+        info = {"int8_weight_share": round(int8_bytes / all_bytes, 6), "fp16_layers": len(keep16)}
+        return (rknn if for_simulator else None), info
+    finally:
+        if not (ok and for_simulator):
+            with quiet_fds(quiet and not verbose):
+                rknn.release()
+
+
+def _build_and_verify(job: dict, precision: str, hybrid: bool = False) -> dict:
+    print(f"{BUILD_MARKER}{precision}{' hybrid' if hybrid else ''}", flush=True)
+    verify = job.get("verify_inputs")
+    info = {}
+    if hybrid:
+        rknn, info = compile_hybrid(job["onnx"], job["target"], job["dataset"], rknn_out=job["rknn_out"],
+                                    for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
+    else:
+        rknn = compile_segment(job["onnx"], target=job["target"], precision=precision,
+                               dataset=job.get("dataset"), rknn_out=job["rknn_out"],
+                               for_simulator=bool(verify), verbose=bool(job.get("verbose")), quiet=False)
+    out = {"precision": precision, **({"hybrid": info} if hybrid else {})}
+    if not verify:
+        return {**out, "verify": None}
+    try:
+        return {**out, "verify": verify_segment(rknn, job["onnx"], load_samples(verify), precision)}
     finally:
         rknn.release()
 
@@ -250,8 +291,9 @@ def _build_and_verify(job: dict, precision: str) -> dict:
 def run_job(job: dict) -> dict:
     """Compile (and verify) the segment a job file describes; the result dict for the parent.
 
-    With `max_rel_l2` and a quantized precision, a segment that loses more than that in the simulator
-    is built again in fp16 (mixed precision per segment), and the result says why.
+    With `max_rel_l2` and a quantized precision, a segment that loses more than that in the simulator is built
+    again hybrid (its heavy MatMuls int8, every other layer fp16: compile_hybrid), and if that still loses too
+    much, in fp16 (mixed precision per segment); the result says why.
     """
     import time
 
@@ -260,11 +302,25 @@ def run_job(job: dict) -> dict:
     limit = job.get("max_rel_l2")
     v = result["verify"]
     if job["precision"] != "fp16" and limit is not None and v is not None and not v["rel_l2"] <= limit:
-        why = (f"{job['precision']} rel_l2 {v['rel_l2']:.3g} > {limit:g} on output {v.get('worst_output')} "
-               "in the simulator; built fp16 instead")
-        print(f"rwkv2rknn: {why}", flush=True)
-        result = {"ok": True, **_build_and_verify(job, "fp16"), "precision_reason": why,
-                  "rejected": {"precision": job["precision"], "verify": v}}
+        rejected = {"precision": job["precision"], "verify": v}
+        try:
+            hyb = {"ok": True, **_build_and_verify(job, job["precision"], hybrid=True)}
+        except Exception as exc:  # noqa: BLE001 (the toolkit refused the hybrid build: fp16 below)
+            print(f"rwkv2rknn: hybrid build failed ({type(exc).__name__}: {exc})", flush=True)
+            hyb = None
+        hv = (hyb or {}).get("verify")
+        if hyb is not None and hv is not None and hv["rel_l2"] <= limit:
+            why = (f"{job['precision']} rel_l2 {v['rel_l2']:.3g} > {limit:g} on output {v.get('worst_output')}; "
+                   f"built hybrid: heavy MatMuls int8 ({100 * hyb['hybrid']['int8_weight_share']:.0f}% of the "
+                   f"weights), {hyb['hybrid']['fp16_layers']} layers fp16, rel_l2 {hv['rel_l2']:.3g}")
+            print(f"rwkv2rknn: {why}", flush=True)
+            result = {**hyb, "precision_reason": why, "rejected": rejected}
+        else:
+            more = f"; hybrid rel_l2 {hv['rel_l2']:.3g}" if hv is not None else ""
+            why = (f"{job['precision']} rel_l2 {v['rel_l2']:.3g} > {limit:g} on output {v.get('worst_output')} "
+                   f"in the simulator{more}; built fp16 instead")
+            print(f"rwkv2rknn: {why}", flush=True)
+            result = {"ok": True, **_build_and_verify(job, "fp16"), "precision_reason": why, "rejected": rejected}
     result["seconds"] = time.perf_counter() - t0
     return result
 

@@ -33,19 +33,19 @@ class RknnSimRunner(Runner):
     name = "rknn-sim"
 
     def __init__(self, onnx_path, input_names: list[str], output_names: list[str], target: str = "rk3588",
-                 precision: str = "fp16", calib: str | None = None, label: str | None = None):
+                 precision: str = "fp16", calib: str | None = None, label: str | None = None, hybrid: bool = False):
         super().__init__()
         self.onnx_path = str(onnx_path)
         self.label = label or self.onnx_path
         self.input_names, self.output_names = list(input_names), list(output_names)
-        self.target, self.precision, self.calib = target, precision, calib
+        self.target, self.precision, self.calib, self.hybrid = target, precision, calib, hybrid
         self.rknn = None
         self.emulated_bytes = 0  # host-only: outputs converted into the program's dtypes (not a board cost)
 
     def _activate(self):
         from rwkv2rknn.compile_worker import compile_segment
 
-        key = (os.path.realpath(self.onnx_path), self.target, self.precision, self.calib)
+        key = (os.path.realpath(self.onnx_path), self.target, self.precision, self.calib, self.hybrid)
         rknn = _SIM_CACHE.get(key)
         if rknn is None:
             if self.precision != "fp16" and self.calib is None:
@@ -54,8 +54,16 @@ class RknnSimRunner(Runner):
             try:
                 with quiet_fds(), tempfile.TemporaryDirectory(prefix="rwkv2rknn-calib-") as tmp:
                     dataset = _dataset_from(self.calib, self.input_names, tmp) if self.calib else None
-                    rknn = compile_segment(self.onnx_path, target=self.target, precision=self.precision,
-                                           dataset=dataset, for_simulator=True)
+                    if self.hybrid:  # the build's hybrid recipe again (its step files in the temporary dir)
+                        import contextlib
+
+                        from rwkv2rknn.compile_worker import compile_hybrid
+
+                        with contextlib.chdir(tmp):
+                            rknn, _ = compile_hybrid(self.onnx_path, self.target, dataset, for_simulator=True)
+                    else:
+                        rknn = compile_segment(self.onnx_path, target=self.target, precision=self.precision,
+                                               dataset=dataset, for_simulator=True)
             except UserError:
                 raise
             except Exception as exc:
@@ -72,9 +80,7 @@ class RknnSimRunner(Runner):
             self._first = False
             with quiet_fds():
                 return self.infer_list(arrays)
-        from rwkv2rknn.compile_worker import as_model_dtypes
-
-        outs = self.rknn.inference(inputs=as_model_dtypes(arrays, self.precision), data_format=self._formats)
+        outs = self.rknn.inference(inputs=list(arrays), data_format=self._formats)
         if outs is None:
             raise RuntimeError(f"{self.onnx_path}: simulator inference failed")
         return [np.asarray(o) for o in outs]

@@ -28,6 +28,7 @@ from rwkv2rknn.model_loop import model_loop
 from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, choose_plan, plan_graph
 from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
+from rwkv2rknn.weights import save_segment
 
 
 
@@ -203,8 +204,12 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
                                  "pieces_ms": round(1e3 * extra["whole"]["pieces_seconds"], 6)})
         if seg_dir is not None:
             path = seg_dir / f"{sid}.onnx"
-            onnx.save(cut.model, str(path))
+            saved = save_segment(cut.model, path)  # large weights in segments/weights/, shared by both plans
             entry["sha256"] = sha256_file(path)
+            if saved["weights_sha256"]:
+                entry["weights_sha256"] = saved["weights_sha256"]
+                # where the runtime finds them without reading the ONNX (one memory map per file, shared)
+                entry["external_weights"] = [{**t, "file": f"segments/{t['file']}"} for t in saved["tensors"]]
         seg_entries.append(entry)
     sources = [{"name": src.name,
                 "path": os.path.relpath(src.path.resolve(), root.resolve()) if root else str(src.path),

@@ -196,7 +196,7 @@ class Builder:
         with contextlib.suppress(OSError):
             log_path.unlink()
         return {"ok": True, "seconds": seconds, "tmp": tmp_rknn, "compiler": table,
-                **{k: result.get(k) for k in ("verify", "precision", "precision_reason")},
+                **{k: result.get(k) for k in ("verify", "precision", "precision_reason", "hybrid")},
                 **({"precision": precision, "precision_reason": forced} if forced else {})}
 
     def _kill(self, proc: subprocess.Popen) -> None:
@@ -223,6 +223,8 @@ class Builder:
                       "toolkit": self.toolkit, "precision": precision, "build_key": key})
         if res.get("precision_reason"):
             entry["precision_reason"] = res["precision_reason"]
+        if res.get("hybrid"):
+            entry["hybrid"] = res["hybrid"]
         if precision == "w8a8" and task.calib:  # the simulator rebuilds from ONNX: it needs the same data
             entry.update(self._save_calib(entry["id"], task.calib))
         if res.get("compiler"):

@@ -109,8 +109,9 @@ class Estimate:
 # -- one segment -----------------------------------------------------------------------------------------------
 
 def _npu_variant(f: dict, p: BoardProfile, t: int, s: float, mask: int, compiler: dict | None,
-                 precision: str, convert: bool = True) -> tuple[float, dict, int]:
-    w = f["weight_bytes"]["fp16"] * (0.5 if precision == "w8a8" else 1.0)
+                 precision: str, convert: bool = True, int8_share: float = 1.0) -> tuple[float, dict, int]:
+    # w8a8: int8 weights (a hybrid build: only the share of the weights its heavy MatMuls hold)
+    w = f["weight_bytes"]["fp16"] * ((1.0 - 0.5 * int8_share) if precision == "w8a8" else 1.0)
     flops = f["matmul_flops"] * s
     r1, r3, r7 = p.npu_stream_gbps_1core * 1e9, p.npu_stream_gbps_3core * 1e9, p.npu_stream_gbps_mask7 * 1e9
     g1 = p.gflops(t) * 1e9 * (p.npu_int8_compute_speedup if precision == "w8a8" else 1.0)
@@ -175,7 +176,8 @@ class SegmentPrice(NamedTuple):
 
 
 def price_segment(features: dict, profile: BoardProfile, runs_on: str, tokens_per_call: int = 1,
-                  compiler: dict | None = None, precision: str = "fp16", convert: bool = True) -> SegmentPrice:
+                  compiler: dict | None = None, precision: str = "fp16", convert: bool = True,
+                  int8_share: float = 1.0) -> SegmentPrice:
     """One call of one segment processing `tokens_per_call` tokens, on "npu" or "cpu" (pure).
 
     convert False: leave the NPU runtime's fp32-boundary conversions out (the program's accounting prices them).
@@ -186,7 +188,8 @@ def price_segment(features: dict, profile: BoardProfile, runs_on: str, tokens_pe
         b = _cpu_cost(features, profile, s)
         return SegmentPrice(sum(b.values()), b, None, {}, 0)
     masks = [features["pinned_core_mask"]] if features.get("pinned_core_mask") else sorted(profile.npu_core_masks)
-    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision, convert) for mask in masks}
+    variants = {mask: _npu_variant(features, profile, t, s, mask, compiler, precision, convert, int8_share)
+                for mask in masks}
     best = min(variants, key=lambda m: (variants[m][0], m))
     total, b, hops = variants[best]
     return SegmentPrice(total, b, best, {m: v[0] for m, v in variants.items()}, hops)
@@ -325,8 +328,9 @@ def _price_plan(graphs: list[dict], profile: BoardProfile, t: int, loader: Loade
                 compiler = seg.get("compiler") if side == "npu" else None
                 prec = seg.get("precision", precision)
                 rows = f.get("rows", 1) if own_rows else t
+                share = (seg.get("hybrid") or {}).get("int8_weight_share", 1.0)
                 sec, b, mask, variants, hops = price_segment(f, profile, side, rows, compiler, prec,
-                                                             convert=program_plan is None)
+                                                             convert=program_plan is None, int8_share=share)
                 seg_seconds[seg["id"]] = sec
                 _add(gb, b)
                 m = measured.get(seg["id"])
@@ -389,8 +393,8 @@ def estimate(manifest_data: dict, profile: BoardProfile, tokens_per_call: int = 
     all_cpu: price every graph as one onnxruntime session (the CPU-only plan of the same model).
     program: the execution program (lowered from the data when not given): conversions and the critical path
       come from it.
-    precision: price NPU segments as if built at this precision ("w8a8": int8 weights and compute, the NPU
-      runtime quantizing their inputs and dequantizing their outputs), where the build recorded none.
+    precision: price NPU segments as if built at this precision ("w8a8": int8 weights and compute), where the
+      build recorded none.
     A manifest key "prefill" = {"chunk": M, "graphs": [...]} is priced at M tokens per call; without it the
     prefill figure is the main plan at `tokens_per_call`.
     """

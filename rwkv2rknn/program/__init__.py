@@ -53,6 +53,8 @@ class Segment:
     planned: str = "npu"        # the split's backend
     fallback_reason: str | None = None
     calib: str | None = None    # w8a8: the calibration samples (the simulator rebuilds the segment from them)
+    hybrid: dict | None = None  # a w8a8 build with only its heavy MatMuls int8: {int8_weight_share, fp16_layers}
+    weights: list = field(default_factory=list)  # {name, file, dtype, shape}: initializers kept in shared files
     parallel: str | None = None  # an N-split piece: its group, run at once (one piece per core)
     slices: dict = field(default_factory=dict)  # piece output -> {of, start, stop}: columns of a whole output
 

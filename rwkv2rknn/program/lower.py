@@ -55,7 +55,9 @@ def segment_of(seg: dict, assume_precision: str | None = None) -> Segment:
                    planned="cpu" if seg["backend"] == "cpu" and not seg.get("fallback_reason") else "npu",
                    fallback_reason=seg.get("fallback_reason"),
                    calib=seg.get("calib") if device == "npu" else None,
-                   parallel=seg.get("parallel"), slices=dict(seg.get("slices") or {}))
+                   parallel=seg.get("parallel"), slices=dict(seg.get("slices") or {}),
+                   hybrid=seg.get("hybrid") if device == "npu" else None,
+                   weights=list(seg.get("external_weights") or []))
 
 
 class _Lowerer:
@@ -219,11 +221,10 @@ class _Lowerer:
                     outs.append(b)
                 casts = sum(int(c["elements"]) * FP32_BYTES for c in seg.casts)
                 npu_conv = 0
-                if seg.device == "npu":  # an fp32 boundary of an NPU segment: the NPU runtime converts it; a w8a8
-                    # model's tensors are int8 on the NPU: it quantizes every float input, dequantizes every output
-                    quantized = seg.precision == "w8a8"
-                    npu_conv = sum(t.elements * FP32_BYTES for t in seg.inputs + seg.outputs
-                                   if t.dtype == "float32" or (quantized and t.dtype == "float16"))
+                if seg.device == "npu":  # an fp32 boundary of an NPU segment: the NPU runtime converts it. (A w8a8
+                    # model quantizes its fp16 inputs and dequantizes its outputs itself: exDataConvert ops inside
+                    # it, which rknn-toolkit2 2.5.0's table places on the NPU; they are priced as its ops.)
+                    npu_conv = sum(t.elements * FP32_BYTES for t in seg.inputs + seg.outputs if t.dtype == "float32")
                 step = add_step(Step(0, "run", ins, outs, seg.device, graph=gname, segment=seg.id,
                                      core_mask=seg.core_mask if seg.device == "npu" else None,
                                      converted_bytes=casts + npu_conv,
@@ -233,8 +234,7 @@ class _Lowerer:
                                         "tensor": c["tensor"], "bytes": int(c["elements"]) * FP32_BYTES})
                 if npu_conv:
                     conversions.append({"step": step.id, "kind": "npu_runtime",
-                                        "where": f"NPU runtime, {'int8 (w8a8)' if seg.precision == 'w8a8' else 'fp32'} "
-                                                 f"boundary of {seg.id}",
+                                        "where": f"NPU runtime, fp32 boundary of {seg.id}",
                                         "tensor": ",".join(t.name for t in seg.inputs + seg.outputs
                                                            if t.dtype == "float32"), "bytes": npu_conv})
                 for tmp, b in late:

@@ -90,7 +90,8 @@ class Backend:
         if self.name == "rknn-sim":
             return self.sim_runner(self.root / seg.onnx, ins, outs, target=self.program.target,
                                    precision=seg.precision or "fp16", label=label,
-                                   calib=str(self.root / seg.calib) if seg.calib else None)
+                                   calib=str(self.root / seg.calib) if seg.calib else None,
+                                   hybrid=bool(seg.hybrid))
         if not seg.rknn:
             raise UserError(f"{self.root}: NPU segment {seg.id} has no .rknn file; run `rwkv2rknn build {self.root}`, "
                             "or use --backend ort")
