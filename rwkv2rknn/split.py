@@ -341,7 +341,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
                 state_update: str = "cpu", prefill_chunk: int | None = None,
                 _record: dict | None = None, npu_io: str = "float16",
-                nsplit: bool = True) -> tuple[dict, list[GraphReport]]:
+                nsplit: bool = True, verify_tokens: int = 0) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
@@ -354,13 +354,15 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     npu_io: "float16" (default) NPU segments read and write fp16 buffers and CPU segments convert inside their own
     graphs (passes/boundary.py); "float32" keeps every boundary fp32 (exact on onnxruntime; the board converts).
     nsplit: where predicted faster, a single-row NPU segment becomes three pieces, one per NPU core (passes/nsplit.py).
+    verify_tokens: k > 0 adds a verify plan (rwkv2rknn/verify.py): k drafted tokens checked in one call of k + 1
+    rows, logits and state after every row (speculative decoding with a draft model); its entries are verify.<graph>.
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
     if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
         return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
                            preview=preview, progress=progress, board=board, state_update=state_update,
-                           prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
+                           prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit, verify_tokens=verify_tokens)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
@@ -392,6 +394,16 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     chunk = (default_chunk if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
+    from rwkv2rknn import verify as ver
+
+    if verify_tokens and model is None:
+        raise UserError("--verify-tokens needs a whole model (a model directory): single graphs have no draft")
+    if not 0 <= verify_tokens <= ver.MAX_DRAFT_TOKENS:
+        raise UserError(f"--verify-tokens {verify_tokens}: give 0 (no verify plan) or 1 to {ver.MAX_DRAFT_TOKENS} "
+                        "drafted tokens per verify call")
+    ver_units = ver.verify_units(work) if verify_tokens else []
+    ver_of_src = {src.name: u for u in ver_units for src in u.sources}
+    ver_entries: list[dict] = []
     pre_units, own_head = prefill_units(work) if chunk else ([], None)
     pre_of = {u.name[len("prefill."):]: u for u in pre_units}
     out_dir = Path(out_dir)
@@ -437,6 +449,13 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             record(entry)
             for e, _ in pre:
                 record(e)
+            if verify_tokens:  # the verify plan's counterpart of this unit, k + 1 rows per call
+                vu = ver_units[work.index(unit)]
+                ve, vr = ver.split_verify_unit(vu, verify_tokens + 1, policy, target, npu_all, shapes, seg_dir, root,
+                                               profile, model, state_update, npu_io, nsplit, link_dtypes(ver_of_src))
+                record(ve)
+                ver_entries.append(ve)
+                reports.append(vr)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
                 pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
                                    state_update, npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(pre_of_src))
@@ -463,6 +482,9 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             head = own_head or next(u for u in work if u.name == "head")
             data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk, entries),
                                "graphs": pre_entries}
+        if ver_entries:
+            data["verify"] = {**ver.verify_loop(model, ver_units, loop, ver_entries, verify_tokens + 1),
+                              "graphs": ver_entries}
         return data
 
     if preview:
