@@ -147,5 +147,25 @@ def speculative_estimate(target: dict, draft: dict, profile, precision: str | No
     return out
 
 
-__all__ = ["ACCEPTANCE_GRID", "MAX_K", "Point", "SpecEstimate", "speculative_estimate", "tokens_per_pass",
+def repeat_layers(plan: dict, n_layer: int, template: str | None = None) -> dict:
+    """cost.plan.repeat_layers (the plan of an n_layer model from one holding fewer identical layers), the verify plan
+    repeated too: its graphs, links and states, every graph under the verify. prefix (the head included)."""
+    from rwkv2rknn.cost.plan import _loop_states, _repeat
+    from rwkv2rknn.cost.plan import repeat_layers as repeat_plan
+    from rwkv2rknn.families import get
+    from rwkv2rknn.model_loop import fp16_links
+
+    out = repeat_plan(plan, n_layer, template)
+    ver = plan.get("verify")
+    if not ver:
+        return out
+    graphs = _repeat(ver["graphs"], n_layer, "verify.", template)
+    links = [{"from": {"graph": f"verify.{a}", "name": o}, "to": {"graph": f"verify.{b}", "name": i}}
+             for a, o, b, i in get(plan["model"]["family"]).links(n_layer)]
+    out["verify"] = dict(ver, graphs=graphs, order=[g["name"] for g in graphs], links=fp16_links(links, graphs),
+                         state=_loop_states(ver["state"], n_layer, "verify."))
+    return out
+
+
+__all__ = ["repeat_layers", "ACCEPTANCE_GRID", "MAX_K", "Point", "SpecEstimate", "speculative_estimate", "tokens_per_pass",
            "verify_pass_ms"]
