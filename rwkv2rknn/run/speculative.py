@@ -108,7 +108,8 @@ class Speculator:
         self.stats = SpecStats()
         self.pending: int | None = None
         self._todo: list[int] = []           # tokens the draft still has to consume before `pending`
-        self._round: tuple | None = None     # (tokens fed, row kept, draft snapshots, drafts, single step)
+        self._round: tuple | None = None     # (tokens fed, row kept, draft snapshots, k)
+        self.last_rows: np.ndarray | None = None  # the target's logits after each row of the last round (a copy)
 
     # -- history ---------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -153,7 +154,8 @@ class Speculator:
         x = self.pending
         if k == 0:  # room for one token: the decode plan, no draft
             t0 = time.perf_counter()
-            logits = np.asarray(self.target.step(x))
+            logits = np.array(self.target.step(x), dtype=np.float32)
+            self.last_rows = logits.reshape(1, -1)
             t1 = time.perf_counter()
             pol = policy.fork()
             probs = pol.probs(logits)
@@ -182,7 +184,7 @@ class Speculator:
                 snaps.append(self.draft.get_state())
                 logits = self._draft_feed([d])
         t1 = time.perf_counter()
-        rows = np.asarray(self.target.verify([x] + drafts), dtype=np.float32)
+        rows = self.last_rows = np.array(self.target.verify([x] + drafts), dtype=np.float32)
         t2 = time.perf_counter()
         pol = policy.fork()
         out = []
