@@ -98,3 +98,12 @@ def test_estimate_cli_with_a_draft(tmp_path_factory):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("estimate", draft, "--draft", draft)  # no verify plan
     assert r.returncode == 2 and "--verify-tokens" in r.stderr, r.stderr
+
+
+def test_per_token_acceptance_inverts_tokens_per_pass():
+    from rwkv2rknn.run.speculative import per_token_acceptance
+
+    for k in (1, 4, 15):
+        for p in (0.0, 0.2, 0.55, 0.77, 0.99):
+            assert per_token_acceptance(tokens_per_pass(p, k), k) == pytest.approx(p, abs=1e-9)
+    assert per_token_acceptance(None, 4) is None and per_token_acceptance(5.0, 4) == 1.0

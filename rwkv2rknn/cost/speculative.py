@@ -23,16 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 from rwkv2rknn.cost.estimate import LABEL, _price_plan, estimate
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.run.speculative import tokens_per_pass
 
 ACCEPTANCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_K = 15  # the verify plan's rows: the NPU pads M to 16
-
-
-def tokens_per_pass(p: float, k: int) -> float:
-    """Expected tokens from one verify pass of k drafts at acceptance rate p: (1 - p^(k+1)) / (1 - p)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"acceptance rate {p}: must be within [0, 1]")
-    return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
 
 
 @dataclass

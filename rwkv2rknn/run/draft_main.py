@@ -176,7 +176,7 @@ def bench(args, spec, tokens, tokenizer) -> int:
     spec.rng = np.random.default_rng(seed)
     from rwkv2rknn.run.speculative import SpecStats
 
-    spec.stats = SpecStats()
+    spec.stats = SpecStats(k=spec.k)
     t0 = time.perf_counter()
     got = list(spec.generate(Sampling(args.temperature, args.top_p), n))
     spec_s = time.perf_counter() - t0
@@ -187,6 +187,7 @@ def bench(args, spec, tokens, tokenizer) -> int:
               "plain_ms_per_token": 1e3 * plain_s / n, "speculative_ms_per_token": 1e3 * spec_s / n,
               "speedup": plain_s / spec_s if spec_s else None,
               "acceptance": st.acceptance, "tokens_per_target_pass": st.tokens_per_pass,
+              "acceptance_per_token": st.to_dict()["acceptance_per_token"],
               "draft_ms_per_token": 1e3 * st.draft_s / n, "target_ms_per_token": 1e3 * st.target_s / n,
               "accept_ms_per_token": 1e3 * st.accept_s / n, "stats": st.to_dict(), "measured": True}
     if args.temperature <= 0 or args.top_p <= 0:
@@ -196,7 +197,8 @@ def bench(args, spec, tokens, tokenizer) -> int:
           f"{result['plain_ms_per_token']:.2f} ms/token, speculative {result['speculative_ms_per_token']:.2f} ms/token "
           f"({result['speedup']:.2f}x) over {n} tokens, k = {spec.k}")
     print(f"drafts accepted {100 * (st.acceptance or 0):.1f}% ({st.accepted} of {st.drafted}), "
-          f"{st.tokens_per_pass or 0:.2f} tokens per target pass ({st.rounds} verify passes)")
+          f"{st.tokens_per_pass or 0:.2f} tokens per target pass ({st.rounds} verify passes); per-token acceptance "
+          f"p = {result['acceptance_per_token'] or 0:.3f} (for rwkv2rknn estimate OUT --draft DRAFT_OUT --acceptance p)")
     print(f"time: draft {result['draft_ms_per_token']:.2f} ms/token ({100 * share.get('draft', 0):.0f}%), target "
           f"{result['target_ms_per_token']:.2f} ({100 * share.get('target', 0):.0f}%), acceptance "
           f"{result['accept_ms_per_token']:.2f} ({100 * share.get('accept', 0):.0f}%)")

@@ -40,6 +40,7 @@ class SpecStats:
     draft_s: float = 0.0    # time in the draft model (its steps, state snapshots and restores)
     target_s: float = 0.0   # time in the target model (verify passes, commits, plain steps)
     accept_s: float = 0.0   # time deciding (sampling, acceptance)
+    k: int = 0              # drafts per round
 
     @property
     def acceptance(self) -> float | None:
@@ -52,11 +53,36 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(acceptance=self.acceptance, tokens_per_target_pass=self.tokens_per_pass)
+        d.update(acceptance=self.acceptance, tokens_per_target_pass=self.tokens_per_pass,
+                 acceptance_per_token=per_token_acceptance(self.tokens_per_pass, self.k))
         total = self.draft_s + self.target_s + self.accept_s
         d["time_share"] = {"draft": self.draft_s / total, "target": self.target_s / total,
                            "accept": self.accept_s / total} if total else None
         return d
+
+
+def tokens_per_pass(p: float, k: int) -> float:
+    """Expected tokens from one verify pass of k drafts when each is kept with probability p independently (the
+    usual model, Leviathan et al. 2023): 1 + p + ... + p^k = (1 - p^(k+1)) / (1 - p)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"acceptance rate {p}: must be within [0, 1]")
+    return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
+
+
+def per_token_acceptance(tokens: float | None, k: int) -> float | None:
+    """The p whose tokens_per_pass(p, k) is `tokens` (measured tokens per target pass): the acceptance rate to give
+    `rwkv2rknn estimate --acceptance` (kept drafts / drafted is lower: drafts after a rejection are never checked)."""
+    if tokens is None or k < 1:
+        return None
+    if tokens >= k + 1:
+        return 1.0
+    if tokens <= 1:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tokens_per_pass(mid, k) < tokens else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def accept_probability(p: float, q: float) -> float:
@@ -105,7 +131,7 @@ class Speculator:
                             "split with a larger --verify-tokens for more)")
         self.target, self.draft, self.k = target, draft, k
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.stats = SpecStats()
+        self.stats = SpecStats(k=k)
         self.pending: int | None = None
         self._todo: list[int] = []           # tokens the draft still has to consume before `pending`
         self._round: tuple | None = None     # (tokens fed, row kept, draft snapshots, k)
@@ -259,4 +285,5 @@ class Speculator:
                 yield t
 
 
-__all__ = ["SpecStats", "Speculator", "accept_probability", "check_pair", "residual"]
+__all__ = ["SpecStats", "Speculator", "accept_probability", "check_pair", "per_token_acceptance", "residual",
+           "tokens_per_pass"]
