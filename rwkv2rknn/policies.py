@@ -12,6 +12,7 @@ class Policy:
     segmenter: str | None  # passes.partition strategy; None: the driver composes other policies (auto)
     npu_all: bool = False  # True: the fp32 precision rule is off (the NPU takes the recurrence)
     groups_layers: bool = False  # True: consecutive layer graphs merge into one graph first (deep)
+    nsplit: bool = True  # False: NPU segments are never split over the three cores (a baseline stays as it was)
 
 
 _REGISTRY: dict[str, Policy] = {}
@@ -42,7 +43,8 @@ def help_text() -> str:
 
 
 register(Policy("fused", "maximal NPU regions around the MatMuls, the recurrence fp32 on the CPU (default)", "fused"))
-register(Policy("matmul", "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)", "matmul"))
+register(Policy("matmul", "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)", "matmul",
+                nsplit=False))
 register(Policy("layer", "each whole graph one NPU model; the compiler places ops itself", "layer", npu_all=True))
 register(Policy("cpu", "no NPU at all (the baseline every plan must beat)", "cpu"))
 register(Policy("deep", "legalized layers, several per NPU call (--layers-per-call); the state update fp32 on the "
