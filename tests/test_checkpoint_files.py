@@ -123,7 +123,7 @@ def _package_logits(module, pth: Path) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.parametrize("version", ["x050", "x052", "x060"])
+@pytest.mark.parametrize("version", [pytest.param("x050", marks=pytest.mark.slow), "x052", "x060"])
 def test_bin_v5_v6_logits_through_the_rwkv_package(tmp_path, monkeypatch, version):
     """The RWKV-5/6 state dicts read from a .bin run in the `rwkv` package like the .pth they came from."""
     module = _rwkv_package({}, monkeypatch)
