@@ -19,19 +19,13 @@ from rwkv2rknn import flahub, rwkvcpp
 from rwkv2rknn.errors import UserError
 
 
-def _rwkv4(state_dict, source):
-    from rwkv2rknn.checkpoints import from_tensors
-
-    return from_tensors(state_dict, source, raw_decay=True)
-
-
 def _rwkv7(state_dict, source):
     from rwkv2rknn.families.rwkv7 import from_tensors7
 
     return from_tensors7(state_dict, source)
 
 
-_FROM_STATE_DICT = {"rwkv4": _rwkv4, "rwkv7": _rwkv7}
+_FROM_STATE_DICT = {"rwkv7": _rwkv7}  # RWKV-4 .bin files keep their own reader
 
 
 def from_state_dict(state_dict: dict, source: str, families, version: str) -> tuple[object, object]:
