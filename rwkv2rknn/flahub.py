@@ -73,6 +73,9 @@ def model_dir(path: str | os.PathLike) -> Path:
 
 def _config(directory: Path) -> dict:
     cfg_path = directory / "config.json"
+    if not cfg_path.is_file() and (directory / "embed.onnx").is_file():
+        raise UserError(f"{directory}: holds exported graphs (embed.onnx), not a checkpoint; give it to "
+                        "`rwkv2rknn split`")
     if not cfg_path.is_file():
         raise UserError(f"{directory}: no config.json; a Hugging Face checkpoint is a directory with config.json "
                         "and *.safetensors: download config.json too (or give a .pth or rwkv.cpp .bin)")

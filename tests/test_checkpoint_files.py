@@ -296,6 +296,9 @@ def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
     st = root / "damaged" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-500])
     cases["missing"] = (root / "missing_dir", "no such file or directory")
+    (root / "graphs").mkdir()
+    (root / "graphs" / "embed.onnx").write_bytes(b"")
+    cases["graphs"] = (root / "graphs", "give it to `rwkv2rknn split`")
     return cases
 
 
@@ -305,7 +308,7 @@ def bad_inputs(tmp_path_factory):
 
 
 CASES = ["truncated.bin", "cut_header.bin", "short.bin", "magic.bin", "zip.bin", "version.bin", "q5_1.bin",
-         "tensor_q.bin", "no_config", "llama", "foreign_tensors", "no_weights", "damaged", "missing"]
+         "tensor_q.bin", "no_config", "llama", "foreign_tensors", "no_weights", "damaged", "missing", "graphs"]
 
 
 @pytest.mark.parametrize("case", CASES)
