@@ -85,8 +85,8 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
     """
     pol = policies.get(policy)
     notes = []
-    if pol.segmenter != "cpu":  # fewer, larger ops for the NPU: the token-shift mixes stacked; a group norm's
-        graph = flat_norm_affine(combine_parallel(graph))  # affine on the flat vector, as w8a8 wants (both exact)
+    if pol.segmenter != "cpu":  # a group norm's affine on the flat vector, as w8a8 wants; fewer, larger ops for
+        graph = flat_norm_affine(combine_parallel(graph) if pol.combine else graph)  # the NPU (both exact)
     if pol.segmenter == "deep":
         if state_update not in STATE_UPDATES:
             raise ValueError(f"state update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
