@@ -26,7 +26,7 @@ from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
 from rwkv2rknn.model_loop import model_loop
 from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, choose_plan, plan_graph
-from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
+from rwkv2rknn.prefill import MAX_PREFILL_CHUNK, default_chunk, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
 from rwkv2rknn.weights import save_segment
 
@@ -388,8 +388,9 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                         "tokens per call (the prefill graph unrolls the recurrence once per token)")
     # deep with the state in the NPU model: its prefill scan (M steps unrolled in fp16 on the NPU) took over
     # 600 s to compile in the measurements of docs/wkv-precision.md; no prefill plan unless asked for
-    default_chunk = 0 if grouped and state_update == "npu" else DEFAULT_CHUNK
-    chunk = (default_chunk if prefill_chunk is None else prefill_chunk) if model is not None else 0
+    chunk_for_width = default_chunk(model.n_embd if model is not None else None)
+    chunk_default = 0 if grouped and state_update == "npu" else chunk_for_width
+    chunk = (chunk_default if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
     pre_units, own_head = prefill_units(work) if chunk else ([], None)

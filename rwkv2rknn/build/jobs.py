@@ -36,7 +36,7 @@ def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sh
     """The cache key of one compile: what went in (ONNX, toolkit, target, precision, calibration, fp16 bound)."""
     parts = [onnx_sha, toolkit, target, precision]
     if precision == "w8a8":
-        parts += [calib_sha or "", repr(max_rel_l2)]
+        parts += [calib_sha or "", repr(max_rel_l2), "hybrid-first"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

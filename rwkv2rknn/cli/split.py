@@ -39,7 +39,7 @@ def register(sub) -> None:
                    "1,000 tokens on a stress model: docs/wkv-precision.md; no prefill plan by default)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="M",
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
-                   "default 16; 0: no prefill plan; at most 256). The NPU is 10-50x faster per token at M >= 16 "
+                   "default by width: 16, 64 from 1024 wide, 128 from 2048; 0: no prefill plan; at most 256). The NPU is 10-50x faster per token at M >= 16 "
                    "than at M = 1")
     p.add_argument("--npu-io", default="float16", choices=["float16", "float32"],
                    help="dtype of the buffers at NPU segments' boundaries: float16 (default: the NPU's own; CPU "
