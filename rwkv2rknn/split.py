@@ -314,8 +314,9 @@ def _check_tokenizer(model: RwkvModel) -> None:
 
 
 def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict, list[GraphReport]]:
-    """auto for a whole model: per-graph auto (cpu, matmul, fused, layer per graph) against deep, by prediction."""
-    grouped = [p.name for p in policies.concrete() if p.groups_layers]
+    """auto for a whole model: per-graph auto (cpu, matmul, fused, layer per graph) against deep and against no NPU at
+    all (a whole-CPU model keeps fp32 links; per-graph choices assume the NPU's fp16 ones), by prediction."""
+    grouped = [p.name for p in policies.concrete() if p.groups_layers or p.segmenter == "cpu"]
     plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
     for name in grouped:
         plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)

@@ -287,6 +287,9 @@ source = "test"
 [npu_int8_compute_speedup]
 value = 1.0
 source = "test"
+[npu_context_bytes]
+value = 0
+source = "test"
 """
 
 
@@ -682,7 +685,7 @@ def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
         other = estimate(features_plan([m2], policy=p.name), board).decode_ms_per_token
         assert got <= other + 1e-9, (p.name, got, other)
     top = auto["auto"]
-    assert set(top["candidates"]) == {"auto", "deep"} and top["predicted_ms"] == min(top["candidates"].values())
+    assert set(top["candidates"]) == {"auto", "deep", "cpu"} and top["predicted_ms"] == min(top["candidates"].values())
     assert top["reason"].startswith("lowest predicted decode time")
     per_graph = auto if top["chosen"] == "auto" else split_model([m2], policy="auto", preview=True,
                                                                  progress=False, _record={})[0]
