@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = parse_shapes(args.shape)
 
     # 1. Normalize: initializers, fp32 everywhere, static shapes, 2-D MatMuls, folded, sorted.
-    graph = normalize(gs.import_onnx(source), shapes)
+    graph = normalize(gs.import_onnx(source), shapes).graph
     # 2. Place: node name -> Placement(backend, reason), from the target's op table and the precision rule.
     placement = place(graph, target=args.target)
     # 3. Partition: one topological sweep into execution-ordered segments; tiny NPU runs fold back to CPU.

@@ -86,16 +86,17 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
     pol = policies.get(policy)
     notes = []
     if pol.segmenter != "cpu":  # fewer, larger ops for the NPU: the token-shift mixes stacked; a group norm's
-        graph = flat_norm_affine(combine_parallel(graph))  # affine on the flat vector, as w8a8 wants (both exact)
+        graph = flat_norm_affine(combine_parallel(graph).graph).graph  # affine on the flat vector, as w8a8 wants
     if pol.segmenter == "deep":
         if state_update not in STATE_UPDATES:
             raise ValueError(f"state update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
-        graph, notes = legalize(graph)
+        legal = legalize(graph)
+        graph, notes = legal.graph, list(legal.notes)
         update = set()
         if state_update == "cpu" and state_pairs:
-            update = clone_state_cone(graph, state_pairs, recurrent)
+            update = {n.node for n in clone_state_cone(graph, state_pairs, recurrent).notes}
         elif state_pairs:  # the NPU owns the state: keep it fp16 between calls, no conversion per token
-            graph = fp16_boundary(graph, [n for pair in state_pairs for n in pair])
+            graph = fp16_boundary(graph, [n for pair in state_pairs for n in pair]).graph
         placement = place(graph, target=target, npu_all=True, whole_models=True)
         for node in graph.nodes:
             if node.name in update:

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from passes.partition import DEFAULT_MIN_NPU_FLOPS
+from passes.infra import PassError
 from passes.pipeline import normalize
 from passes.placement import TARGETS
 from rwkv2rknn import __version__, policies
@@ -96,9 +97,11 @@ def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
     graph = gs.import_onnx(src.model)
     _check_shapes(src, graph, shapes)
     try:
-        return normalize(graph, shapes)
-    except ValueError as exc:
-        raise UserError(f"{src.path}: {exc}; fix the sizes with --shape NAME=D0,D1,...") from None
+        return normalize(graph, shapes).graph
+    except PassError as exc:
+        if not isinstance(exc.cause, ValueError):
+            raise
+        raise UserError(f"{src.path}: {exc.cause} (pass {exc.name}); fix the sizes with --shape NAME=D0,D1,...") from None
 
 
 def _unit_graph(unit: Unit, shapes: dict, model: RwkvModel | None) -> gs.Graph:
@@ -122,7 +125,9 @@ def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pai
         if policy == "auto":
             return choose_plan(graph, target, npu_all, profile, pairs, boundaries)
         return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent, boundaries), None
-    except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
+    except (ValueError, PassError) as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
+        if isinstance(exc, PassError) and not isinstance(exc.cause, ValueError):
+            raise
         raise UserError(f"{where}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
 

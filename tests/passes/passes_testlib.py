@@ -137,7 +137,7 @@ def helper_graph(nodes, inputs, outputs, inits=(), opset=16):
                           opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.checker.check_model(m)
-    return normalize(gs.import_onnx(m))
+    return normalize(gs.import_onnx(m)).graph
 
 
 def export_checked(g) -> onnx.ModelProto:

@@ -34,7 +34,7 @@ def _deep_chain(n=10_000, c=16):
 
 
 def test_ten_thousand_nodes():
-    g = normalize(gs.import_onnx(_deep_chain()))
+    g = normalize(gs.import_onnx(_deep_chain())).graph
     assert len(g.nodes) >= 10_000
     pl = place(g)
     feeds = {"x": np.linspace(-1, 1, 16).astype(np.float32)}
@@ -51,7 +51,7 @@ def test_ten_thousand_nodes():
 
 def test_430m_shape_mixing_graph():
     c = 1024
-    g = normalize(gs.import_onnx(rwkv_mixing_model(c, fp16=True, weights_as="constant")))
+    g = normalize(gs.import_onnx(rwkv_mixing_model(c, fp16=True, weights_as="constant"))).graph
     pl = place(g)
     feeds = mixing_feeds(c)
     ref = run_model(gs.export_onnx(g), feeds)
