@@ -14,7 +14,6 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from passes.partition import DEFAULT_MIN_NPU_FLOPS
 from passes.infra import PassError
 from passes.pipeline import normalize
 from passes.placement import TARGETS
@@ -24,9 +23,9 @@ from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
 from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
-from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
+from rwkv2rknn.deep import Unit, merge_unit, tensor_ref
 from rwkv2rknn.model_loop import model_loop
-from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, choose_plan, plan_graph
+from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, PlanContext
 from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
 from rwkv2rknn.weights import save_segment
@@ -119,12 +118,9 @@ def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
             for s in unit.sources if s.name.startswith("mixing_") for st in model.family.states]
 
 
-def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pairs, state_update: str,
-          recurrent: dict | None, where, boundaries: Boundaries) -> tuple:
+def _plan(graph: gs.Graph, policy: policies.Policy, ctx: PlanContext, where):
     try:
-        if policy == "auto":
-            return choose_plan(graph, target, npu_all, profile, pairs, boundaries)
-        return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent, boundaries), None
+        return policy.plan(graph, ctx)
     except (ValueError, PassError) as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
         if isinstance(exc, PassError) and not isinstance(exc.cause, ValueError):
             raise
@@ -140,7 +136,7 @@ def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: st
     return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit)
 
 
-def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
+def _split_unit(unit: Unit, policy: policies.Policy, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
                 root: Path | None, profile, model: RwkvModel | None, state_update: str,
                 prefill: Unit | None = None, chunk: int = 0, npu_io: str = "float16",
                 link_dtypes=None, prefill_link_dtypes=None, nsplit: bool = True) -> list[tuple[dict, GraphReport]]:
@@ -150,8 +146,7 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
     from graphs already split (their writers decide: fp16 from an NPU segment)."""
     where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
     graph = _unit_graph(unit, shapes, model)
-    if policies.get(policy).groups_layers and not unit.merged:
-        policy = "fused"  # the embedding lookup (and a lone head) stay as fused plans: nothing to merge
+    policy = policy.for_unit(unit)
     pairs = _state_pairs(unit, model)
     batched = rows = None
     if prefill is not None:  # batch before planning: a deep plan rewrites its graph in place
@@ -161,20 +156,22 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
         except ValueError as exc:
             raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
                             "--prefill-chunk 0 (no prefill plan)") from None
-    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where,
-                       _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
-    out = [_entry(unit, graph, plan, seg_dir, root, state_update, auto)]
+    ctx = PlanContext(target, profile, npu_all, tuple(pairs), state_update, None,
+                      _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
+    out = [_entry(unit, graph, _plan(graph, policy, ctx, where), seg_dir, root, state_update)]
     if batched is not None:
-        pplan, pauto = _plan(batched, policy, target, npu_all, profile, _state_pairs(prefill, model), state_update,
-                             rows, where, _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes, nsplit))
-        out.append(_entry(prefill, batched, pplan, seg_dir, root, state_update, pauto, tokens=chunk))
+        pctx = PlanContext(target, profile, npu_all, tuple(_state_pairs(prefill, model)), state_update, rows,
+                           _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes, nsplit))
+        out.append(_entry(prefill, batched, _plan(batched, policy, pctx, where), seg_dir, root, state_update,
+                          tokens=chunk))
     return out
 
 
 def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path | None, state_update: str,
-           auto: dict | None, tokens: int = 1) -> tuple[dict, GraphReport]:
+           tokens: int = 1) -> tuple[dict, GraphReport]:
     """A manifest graph entry from a plan: its segments cut, written (unless preview) and described."""
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
+    planned_by = policies.get(policy)
     report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms / tokens,
                          notes=[str(n) for n in plan.notes])
     seg_entries = []
@@ -182,7 +179,7 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         sid = f"{unit.name}.s{i}"
         for node in seg.nodes:
             decided = placement[node.name]
-            reason = decided.reason if decided.backend == seg.backend else _moved_reason(node, seg, policy)
+            reason = decided.reason if decided.backend == seg.backend else planned_by.moved_reason(node, seg)
             report.placement.append({"node": node.name, "op": node.op, "segment": sid,
                                      "backend": seg.backend, "reason": reason})
         report.matmul_flops += cut.matmul_flops
@@ -234,10 +231,9 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         entry["tokens_per_call"] = tokens
     if plan.notes:
         entry["legalized"] = report.notes
-    if policy == "deep":
-        entry["state_update"] = state_update
-    if auto is not None:
-        entry["auto"] = auto
+    entry.update(planned_by.entry_fields(state_update))
+    if plan.choice is not None:
+        entry["auto"] = plan.choice
     return entry, report
 
 
@@ -288,18 +284,6 @@ def _write_program(data: dict, stage: Path) -> None:
     save(program, stage / PROGRAM_NAME)
 
 
-def _moved_reason(node, seg, policy: str) -> str:
-    """Why a node runs elsewhere than its placement said (a segment's reason names other nodes)."""
-    if seg.backend == "cpu" and policy == "fused":
-        return (f"{node.op}: NPU-capable, but its NPU run had under {DEFAULT_MIN_NPU_FLOPS:,} MatMul FLOPs, "
-                "too few to pay for an NPU call; runs on the CPU")
-    if seg.backend == "cpu" and policy == "matmul":
-        return f"{node.op}: NPU-capable, but the matmul policy sends only MatMuls to the NPU"
-    if seg.backend == "cpu" and policy == "cpu":
-        return f"{node.op}: NPU-capable, but the cpu policy uses no NPU"
-    return f"{node.op}: {seg.reason}"
-
-
 def _source_float_dtype(model: onnx.ModelProto) -> str:
     for v in list(model.graph.input) + list(model.graph.output):
         et = v.type.tensor_type.elem_type
@@ -318,26 +302,22 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict, list[GraphReport]]:
-    """auto for a whole model: per-graph auto (cpu, matmul, fused, layer per graph) against deep, by prediction."""
-    grouped = [p.name for p in policies.concrete() if p.groups_layers]
-    plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
-    for name in grouped:
-        plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)
-    ms = {name: data["predicted"]["decode_ms_per_token"] for name, (data, _) in plans.items()}
-    ranked = sorted(ms, key=lambda n: (ms[n], n))
-    best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
-    label = {"auto": "per-graph choice among cpu, matmul, fused, layer"}
-    record = {"policy": "auto", "auto": {"chosen": best, "board": kw["board"], "predicted_ms": round(ms[best], 4),
-                       "candidates": {n: round(v, 4) for n, v in ms.items()},
-                       "reason": f"lowest predicted decode time per token: {best} ({label.get(best, best)}) "
-                                 f"{ms[best]:.2f} ms" + (f", runner-up {second} {ms[second]:.2f} ms" if second else "")}}
+def _choose_for_model(policy: policies.Policy, paths, out_dir, preview: bool, force: bool,
+                      **kw) -> tuple[dict, list[GraphReport]]:
+    """A policy that chooses (auto) on a whole model: it prices the whole model split under each of its model
+    candidates (unwritten) and picks one; that split is then written (or, in preview, returned as it is)."""
+    previews: dict[str, tuple[dict, list[GraphReport]]] = {}
+
+    def price(candidate: policies.Policy) -> float:
+        previews[candidate.name] = split_plan(paths, out_dir, candidate, preview=True, **kw)
+        return previews[candidate.name][0]["predicted"]["decode_ms_per_token"]
+
+    best, record = policy.choose_model(price, kw["board"])
     if preview:
-        data, reports = plans[best]
+        data, reports = previews[best.name]
         data.update(record)
         return data, reports
-    data, reports = split_model(paths, out_dir, policy=best, preview=False, force=force, _record=record, **kw)
-    return data, reports
+    return split_plan(paths, out_dir, best, preview=False, force=force, record=record, **kw)
 
 
 def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
@@ -345,8 +325,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                 force: bool = False, preview: bool = False, progress: bool = True,
                 board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
                 state_update: str = "cpu", prefill_chunk: int | None = None,
-                _record: dict | None = None, npu_io: str = "float16",
-                nsplit: bool = True) -> tuple[dict, list[GraphReport]]:
+                npu_io: str = "float16", nsplit: bool = True) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
     Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
@@ -362,22 +341,37 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     """
     if policy not in policies.names():
         raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
-    if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
-        return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
-                           preview=preview, progress=progress, board=board, state_update=state_update,
-                           prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
+    pol = policies.get(policy)
+    if pol.chooses and len(paths) == 1 and Path(paths[0]).is_dir():
+        return _choose_for_model(pol, paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
+                                 preview=preview, progress=progress, board=board, state_update=state_update,
+                                 prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
+    return split_plan(paths, out_dir, pol, target=target, npu_all=npu_all, shapes=shapes, force=force,
+                      preview=preview, progress=progress, board=board, layers_per_call=layers_per_call,
+                      state_update=state_update, prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
+
+
+def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Policy, target: str = "rk3588",
+               npu_all: bool = False, shapes: dict | None = None, force: bool = False, preview: bool = False,
+               progress: bool = True, board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
+               state_update: str = "cpu", prefill_chunk: int | None = None, npu_io: str = "float16",
+               nsplit: bool = True, record: dict | None = None) -> tuple[dict, list[GraphReport]]:
+    """One policy's split of the source graphs, never composed at model level (a choosing policy plans per
+    graph); `record`: top-level manifest keys (a whole-model choice)."""
+    policy = pol.name
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
         raise UserError(f"--state-update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
     if npu_io not in NPU_IO:
         raise UserError(f"--npu-io {npu_io!r}: choose one of {', '.join(NPU_IO)}")
-    grouped = policies.get(policy).groups_layers
+    grouped = pol.groups_layers
     if layers_per_call is not None and not grouped:
         merging = ", ".join(p.name for p in policies.concrete() if p.groups_layers)
         raise UserError(f"--layers-per-call goes with a policy that merges layers ({merging})")
-    if state_update != "cpu" and policy != "auto" and policies.get(policy).segmenter != "deep":
-        raise UserError(f"--state-update {state_update} goes with --policy deep (--policy {policy} keeps the "
+    if state_update != "cpu" and not pol.takes_state_update:
+        taking = ", ".join(p.name for p in policies.concrete() if p.takes_state_update)
+        raise UserError(f"--state-update {state_update} goes with --policy {taking} (--policy {policy} keeps the "
                         "recurrent state fp32 on the CPU)")
     shapes = shapes or {}
     profile = load_profile(board)
@@ -387,13 +381,11 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     if grouped and model is None:
         raise UserError(f"--policy {policy} merges the layers of a whole model: give a model directory "
                         "(embed.onnx, mixing_*.onnx, head.onnx), not single files")
-    work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
+    work = pol.units(model, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
     if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1 or prefill_chunk > MAX_PREFILL_CHUNK):
         raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or 2 to {MAX_PREFILL_CHUNK} "
                         "tokens per call (the prefill graph unrolls the recurrence once per token)")
-    # deep with the state in the NPU model: its prefill scan (M steps unrolled in fp16 on the NPU) took over
-    # 600 s to compile in the measurements of docs/wkv-precision.md; no prefill plan unless asked for
-    default_chunk = 0 if grouped and state_update == "npu" else DEFAULT_CHUNK
+    default_chunk = DEFAULT_CHUNK if pol.prefill_by_default(state_update) else 0
     chunk = (default_chunk if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
@@ -423,7 +415,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             return out
         return dtypes
 
-    def record(entry: dict) -> None:
+    def note_written(entry: dict) -> None:
         for t in entry["outputs"]:
             written[(entry["name"], t["name"])] = t["dtype"]
 
@@ -437,13 +429,13 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             bar.set_postfix_str(unit.name)
             links = dict(npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(dec_of) if model else None,
                          prefill_link_dtypes=link_dtypes(pre_of_src) if model and chunk else None)
-            (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+            (entry, report), *pre = _split_unit(unit, pol, target, npu_all, shapes, seg_dir, root, profile, model,
                                                 state_update, pre_of.get(unit.name), chunk, **links)
-            record(entry)
+            note_written(entry)
             for e, _ in pre:
-                record(e)
+                note_written(e)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
-                pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
+                pre += _split_unit(own_head, pol, target, npu_all, shapes, seg_dir, root, profile, model,
                                    state_update, npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
@@ -463,7 +455,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
-                "graphs": entries, "model": loop, **(_record or {})}
+                "graphs": entries, "model": loop, **(record or {})}
         if pre_entries:
             head = own_head or next(u for u in work if u.name == "head")
             data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk, entries),

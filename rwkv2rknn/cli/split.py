@@ -63,9 +63,9 @@ def run(args) -> int:
     from rwkv2rknn.split import parse_shapes, split_model
 
     console = make_console()
-    if args.state_update == "npu" and args.policy == "deep":
-        print("rwkv2rknn split: note: --state-update npu keeps each layer's state fp16 between calls; it drifts on "
-              "long-memory channels (docs/wkv-precision.md); the default, cpu, keeps it exact", file=sys.stderr)
+    policy = policies.get(args.policy)
+    for note in policy.cli_notes(args.state_update):
+        print(f"rwkv2rknn split: note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
                                 npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
@@ -84,13 +84,13 @@ def run(args) -> int:
             console.print(table)
     board = data.get("board", args.board)
     predicted = data.get("predicted") or {}
-    print_summary(console, [r for r in reports if r.plan == "decode"], auto=args.policy == "auto",
+    print_summary(console, [r for r in reports if r.plan == "decode"], auto=policy.chooses,
                   title=f"split summary, decode plan (per token; predicted ms on board profile {board})",
                   overlap_ms=predicted.get("decode_overlap_ms", 0.0))
     prefill = [r for r in reports if r.plan == "prefill"]
     if prefill:
         chunk = (data.get("prefill") or {}).get("chunk")
-        print_summary(console, prefill, auto=args.policy == "auto",
+        print_summary(console, prefill, auto=policy.chooses,
                       title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token on board "
                             f"profile {board})", overlap_ms=predicted.get("prefill_overlap_ms", 0.0))
     print_prediction(console, data, args.board)

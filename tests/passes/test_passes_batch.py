@@ -351,7 +351,7 @@ def test_batched_graph_goes_through_placement_partition_and_cut():
     feeds = {"input": np.random.default_rng(0).standard_normal((m, 64)).astype(np.float32),
              "state_in": synthetic_state(64, 0)}
     ref = run_model(gs.export_onnx(bg), feeds)
-    cuts = extract_segments(bg, propose_segments(bg, place(bg), "fused", min_npu_flops=1))
+    cuts = extract_segments(bg, propose_segments(bg, place(bg), min_npu_flops=1))
     table = run_segments(cuts, feeds)
     for k in ref:
         assert rel_err(table[k], ref[k]) <= TOL, k

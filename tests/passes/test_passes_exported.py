@@ -3,12 +3,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from passes_testlib import rel_err, run_model, run_segments
+from passes_testlib import groupings, rel_err, run_model, run_segments
 
 from passes.cut import extract_segments
-from passes.partition import POLICIES, propose_segments
+from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import place
+
+GROUPINGS = groupings()  # policy name -> its Grouping
+POLICIES = list(GROUPINGS)
 
 export = pytest.importorskip("rwkv2rknn.export")
 checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
@@ -40,7 +43,7 @@ def test_exported_graphs_cut_exactly(exported, name):
     ref = run_model(gs.export_onnx(g), feeds)
     pl = place(g)
     for policy in POLICIES:
-        cuts = extract_segments(g, propose_segments(g, pl, policy, min_npu_flops=1))
+        cuts = extract_segments(g, propose_segments(g, pl, GROUPINGS[policy], min_npu_flops=1))
         table = run_segments(cuts, feeds)
         for k in ref:
             assert rel_err(table[k], ref[k]) <= 1e-5, (name, policy, k)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes_testlib import run_model, run_segments
+from passes_testlib import groupings, run_model, run_segments
 
 from passes.cut import extract_segments
 from passes.partition import propose_segments
@@ -29,7 +29,7 @@ def _split_reproduces(g, ref_model, on_cpu: set[str], feed: dict):
     for n in g.nodes:
         if n.name in on_cpu:
             placement[n.name] = Placement("cpu", "update")
-    segs = propose_segments(g, placement, policy="deep")
+    segs = propose_segments(g, placement, groupings()["deep"])
     assert [s.backend for s in segs] == ["npu", "cpu"]
     cuts = extract_segments(g, segs)
     want = run_model(ref_model, feed)
