@@ -103,7 +103,7 @@ def plan_graph(graph: gs.Graph, policy, ctx: PlanContext) -> GraphPlan:
     # one call of each segment, over the tokens it processes (M for a graph batched over M tokens)
     prices: list[SegmentPrice] = [price_segment(f, profile, c.backend, f.get("rows", 1)) for f, c in zip(features, cuts)]
     extra: list[dict] = [{} for _ in cuts]
-    if boundaries.nsplit:
+    if boundaries.nsplit and policy.nsplit:
         segments, cuts, features, prices, extra, boundary = _three_cores(segments, cuts, features, prices, extra,
                                                                          boundary, profile)
     return GraphPlan(policy.name, placement, segments, cuts, features, prices, list(placed.notes), boundary, extra)

@@ -55,6 +55,7 @@ class Policy:
     groups_layers: bool = False  # consecutive layer graphs merge into one graph first
     takes_state_update: bool = False  # --state-update applies
     chooses: bool = False  # per graph its plan is one of other policies' (the summary says which)
+    nsplit: bool = True  # False: NPU segments are never split over the three cores (a baseline stays as it was)
 
     @property
     def concrete(self) -> bool:
@@ -118,6 +119,7 @@ class MatMul(Policy):
     name = "matmul"
     help = "each MatMul its own NPU call (the 2023 attempt, kept as a baseline)"
     grouping = MatMulCalls("matmul")
+    nsplit = False
 
     def moved_reason(self, node, seg) -> str:
         if seg.backend == "cpu":

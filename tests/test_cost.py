@@ -665,7 +665,9 @@ def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul, model_factory):
     plan = repeat_layers(features_plan([m2], policy="cpu"), 24)
     c = estimate(plan, load_profile("rk3588"))
     assert c.npu_calls_per_token == 0 and c.cpu_calls_per_token == 26
-    assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-4)
+    # within 1%: the matmul plan's graph went through the NPU-side rewrites (passes/combine.py stacks the mixes:
+    # exact, a few Concat/Split more for a CPU), the cpu policy's did not
+    assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-2)
 
 
 def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):

@@ -8,7 +8,8 @@ import time
 
 from rwkv2rknn.errors import UserError
 
-HELP = "export an RWKV-4 or RWKV-7 checkpoint (.pth; RWKV-4 also rwkv.cpp .bin) or random weights to ONNX graphs"
+HELP = ("export an RWKV-4 or RWKV-7 checkpoint (.pth, rwkv.cpp .bin, or a Hugging Face fla-hub RWKV-7 directory) "
+        "or random weights to ONNX graphs")
 DESCRIPTION = """\
 Write embed.onnx, mixing_0.onnx ... mixing_{L-1}.onnx and head.onnx in the llama.onnx layout (1-D
 activations, opset 16), ready for `rwkv2rknn split`. RWKV-4 layers: input, state_in [5, C] (ffn shift,
@@ -16,13 +17,16 @@ att shift, aa, bb, pp) -> output, state_out. RWKV-7 layers: input, state_in [2, 
 shift), wkv_in [H, 64, 64] (the matrix state) and, after layer 0, v_first -> output, state_out, wkv_out
 (layer 0 also v_first). The version is read from the checkpoint's tensor names.
 
-Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch), an rwkv.cpp .bin (RWKV-4, fp32 or fp16;
-quantized files are refused), or --random weights of a given shape (--family) for tests and benchmarks.
+Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch); an rwkv.cpp .bin (fp32 or fp16; read for
+RWKV-4 to -7, exported for the versions above; quantized files are refused); a Hugging Face RWKV-7
+directory in the fla-hub layout (config.json and *.safetensors, what RKLLM converts from); or --random
+weights of a given shape (--family) for tests and benchmarks. See docs/checkpoints.md.
 """
 EPILOG = """\
 examples:
   rwkv2rknn export RWKV-4-Pile-430M-20220808-8066.pth -o rwkv430m/
   rwkv2rknn export rwkv-430m-f16.bin -o rwkv430m/ --dtype float32
+  rwkv2rknn export rwkv7-0.4B-world/ -o rwkv7-04b/     (config.json + model.safetensors)
   rwkv2rknn export --random --layers 2 --embd 256 --vocab 512 -o tiny/
 """
 
@@ -31,7 +35,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", metavar="SRC",
-                   help="checkpoint: .pth (ChatRWKV torch state dict) or .bin (rwkv.cpp fp32/fp16)")
+                   help="checkpoint: .pth (ChatRWKV torch state dict), .bin (rwkv.cpp fp32/fp16) or a Hugging Face "
+                   "fla-hub RWKV-7 directory (config.json + *.safetensors)")
     p.add_argument("-o", "--out", required=True, metavar="DIR",
                    help="output directory (replaced as a whole; one holding other files needs --force)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -76,7 +81,7 @@ def _weights(args):
         family = families.get(args.family or "rwkv4")
         return family, family.random_weights(args.layers, args.embd, args.vocab, seed=args.seed, ffn=args.ffn)
     if not args.src:
-        raise UserError("no checkpoint given; name a .pth or .bin file, or use --random with "
+        raise UserError("no checkpoint given; name a .pth or .bin file or a Hugging Face directory, or use --random with "
                         "--layers/--embd/--vocab")
     given = [f"--{k}" for k, v in shape_opts.items() if v is not None]
     if given:

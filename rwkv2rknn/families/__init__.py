@@ -92,9 +92,12 @@ def from_layout(path, ins: dict, outs: dict) -> Family:
 
 def load_checkpoint(path) -> tuple[Family, object]:
     """(family, weights) of a checkpoint: the version is told by its tensor names."""
-    from rwkv2rknn import checkpoints
+    from rwkv2rknn import checkpoint_files, checkpoints
 
     path = Path(path)
+    other = checkpoint_files.open_other(path, _registry())  # rwkv.cpp .bin (RWKV-5/6/7), fla-hub directories
+    if other is not None:
+        return other
     if path.suffix == ".pth":
         keys = checkpoints.pth_keys(path)
         for f in _registry():
