@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,12 @@ from passes.placement import TARGETS
 from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
-from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
+from rwkv2rknn.cost.profile import BoardProfile, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
 from rwkv2rknn.deep import Unit, merge_unit, tensor_ref
 from rwkv2rknn.model_loop import model_loop
+from rwkv2rknn.options import SplitOptions
 from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, PlanContext
 from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
@@ -128,26 +129,43 @@ def _plan(graph: gs.Graph, policy: policies.Policy, ctx: PlanContext, where):
                         "with --shape NAME=D0,D1,...") from None
 
 
-def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes,
-                nsplit: bool = True) -> Boundaries:
-    """A whole model's graphs meet through links and states; a single graph's boundary is its user's (fixed)."""
+@dataclass(frozen=True)
+class _Job:
+    """One split under way: its policy and options, the board profile, the whole model (None: single graphs) and
+    where segments are written (None: preview)."""
+
+    policy: policies.Policy
+    options: SplitOptions
+    profile: BoardProfile
+    model: RwkvModel | None
+    seg_dir: Path | None = None
+    root: Path | None = None
+
+
+def _context(job: _Job, unit: Unit, graph: gs.Graph, link_dtypes, recurrent: dict | None = None) -> PlanContext:
+    """Planning one unit's graph. A whole model's graphs meet through links and states; a single graph's boundary
+    is its user's (fixed). link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs from graphs
+    already split (their writers decide: fp16 from an NPU segment)."""
+    opts, model = job.options, job.model
     if model is None:
-        return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs), nsplit)
-    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit)
+        boundaries = Boundaries(opts.npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs),
+                                opts.nsplit)
+    else:
+        boundaries = Boundaries(opts.npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=opts.nsplit)
+    return PlanContext(opts.target, job.profile, opts.npu_all, tuple(_state_pairs(unit, model)), opts.state_update,
+                       recurrent, boundaries)
 
 
-def _split_unit(unit: Unit, policy: policies.Policy, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
-                root: Path | None, profile, model: RwkvModel | None, state_update: str,
-                prefill: Unit | None = None, chunk: int = 0, npu_io: str = "float16",
-                link_dtypes=None, prefill_link_dtypes=None, nsplit: bool = True) -> list[tuple[dict, GraphReport]]:
+def _split_unit(unit: Unit, job: _Job, prefill: Unit | None = None, chunk: int = 0, link_dtypes=None,
+                prefill_link_dtypes=None) -> list[tuple[dict, GraphReport]]:
     """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart.
 
     link_dtypes(unit) / prefill_link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs
     from graphs already split (their writers decide: fp16 from an NPU segment)."""
     where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
+    shapes, model = job.options.shapes or {}, job.model
     graph = _unit_graph(unit, shapes, model)
-    policy = policy.for_unit(unit)
-    pairs = _state_pairs(unit, model)
+    policy = job.policy.for_unit(unit)
     batched = rows = None
     if prefill is not None:  # batch before planning: a deep plan rewrites its graph in place
         base = graph if prefill.sources == unit.sources else _unit_graph(prefill, shapes, model)
@@ -156,22 +174,19 @@ def _split_unit(unit: Unit, policy: policies.Policy, target: str, npu_all: bool,
         except ValueError as exc:
             raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
                             "--prefill-chunk 0 (no prefill plan)") from None
-    ctx = PlanContext(target, profile, npu_all, tuple(pairs), state_update, None,
-                      _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
-    out = [_entry(unit, graph, _plan(graph, policy, ctx, where), seg_dir, root, state_update)]
+    ctx = _context(job, unit, graph, link_dtypes)
+    out = [_entry(unit, graph, _plan(graph, policy, ctx, where), job)]
     if batched is not None:
-        pctx = PlanContext(target, profile, npu_all, tuple(_state_pairs(prefill, model)), state_update, rows,
-                           _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes, nsplit))
-        out.append(_entry(prefill, batched, _plan(batched, policy, pctx, where), seg_dir, root, state_update,
-                          tokens=chunk))
+        pctx = _context(job, prefill, batched, prefill_link_dtypes, rows)
+        out.append(_entry(prefill, batched, _plan(batched, policy, pctx, where), job, tokens=chunk))
     return out
 
 
-def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path | None, state_update: str,
-           tokens: int = 1) -> tuple[dict, GraphReport]:
+def _entry(unit: Unit, graph: gs.Graph, plan, job: _Job, tokens: int = 1) -> tuple[dict, GraphReport]:
     """A manifest graph entry from a plan: its segments cut, written (unless preview) and described."""
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
     planned_by = policies.get(policy)
+    seg_dir, root = job.seg_dir, job.root
     report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms / tokens,
                          notes=[str(n) for n in plan.notes])
     seg_entries = []
@@ -231,7 +246,7 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         entry["tokens_per_call"] = tokens
     if plan.notes:
         entry["legalized"] = report.notes
-    entry.update(planned_by.entry_fields(state_update))
+    entry.update(planned_by.entry_fields(job.options.state_update))
     if plan.choice is not None:
         entry["auto"] = plan.choice
     return entry, report
@@ -302,63 +317,51 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _choose_for_model(policy: policies.Policy, paths, out_dir, preview: bool, force: bool,
-                      **kw) -> tuple[dict, list[GraphReport]]:
+def _choose_for_model(policy: policies.Policy, paths, out_dir, opts: SplitOptions) -> tuple[dict, list[GraphReport]]:
     """A policy that chooses (auto) on a whole model: it prices the whole model split under each of its model
-    candidates (unwritten) and picks one; that split is then written (or, in preview, returned as it is)."""
+    candidates (unwritten) and picks one; that split is then written (or, in preview, returned as it is).
+    The candidates get their own layer grouping (--layers-per-call is not passed on)."""
+    opts = replace(opts, layers_per_call=None)
     previews: dict[str, tuple[dict, list[GraphReport]]] = {}
 
     def price(candidate: policies.Policy) -> float:
-        previews[candidate.name] = split_plan(paths, out_dir, candidate, preview=True, **kw)
+        previews[candidate.name] = split_plan(paths, out_dir, candidate, replace(opts, preview=True))
         return previews[candidate.name][0]["predicted"]["decode_ms_per_token"]
 
-    best, record = policy.choose_model(price, kw["board"])
-    if preview:
+    best, record = policy.choose_model(price, opts.board)
+    if opts.preview:
         data, reports = previews[best.name]
         data.update(record)
         return data, reports
-    return split_plan(paths, out_dir, best, preview=False, force=force, record=record, **kw)
+    return split_plan(paths, out_dir, best, opts, record=record)
 
 
-def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
-                target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
-                force: bool = False, preview: bool = False, progress: bool = True,
-                board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
-                state_update: str = "cpu", prefill_chunk: int | None = None,
-                npu_io: str = "float16", nsplit: bool = True) -> tuple[dict, list[GraphReport]]:
+def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, options: SplitOptions | None = None,
+                **overrides) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
-    Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
-    segment carries its cost features; `board` prices the plans (the `auto` policy chooses by it).
-    deep: `layers_per_call` layers per merged graph (default: as many as the size budget allows);
-    `state_update` "cpu" keeps the recurrent-state update fp32 on the CPU, "npu" puts it in the NPU model.
-    auto on a whole model: the cheaper (predicted) of per-graph auto and deep, recorded as the manifest's `auto`.
-    prefill_chunk: M prompt tokens per call in a prefill plan beside the decode plan (whole models; default
-    16, 0 for none); its graph entries are named prefill.<graph>.
-    npu_io: "float16" (default) NPU segments read and write fp16 buffers and CPU segments convert inside their own
-    graphs (passes/boundary.py); "float32" keeps every boundary fp32 (exact on onnxruntime; the board converts).
-    nsplit: where predicted faster, a single-row NPU segment becomes three pieces, one per NPU core (passes/nsplit.py).
+    `options` (rwkv2rknn/options.py; default SplitOptions()); keyword `overrides` replace its fields
+    (split_model(paths, out, policy="deep", preview=True)). Returns the manifest data (also in preview, where
+    nothing is written) and a report per graph. Each segment carries its cost features; the board profile prices
+    the plans. A policy that chooses (auto) on a whole model prices its model candidates and splits under the one
+    predicted fastest, recorded as the manifest's `auto`. A prefill plan's graph entries are named prefill.<graph>.
     """
-    if policy not in policies.names():
-        raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
-    pol = policies.get(policy)
+    opts = replace(options or SplitOptions(), **overrides)
+    if opts.policy not in policies.names():
+        raise UserError(f"--policy {opts.policy!r}: choose one of {', '.join(policies.names())}")
+    pol = policies.get(opts.policy)
     if pol.chooses and len(paths) == 1 and Path(paths[0]).is_dir():
-        return _choose_for_model(pol, paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
-                                 preview=preview, progress=progress, board=board, state_update=state_update,
-                                 prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
-    return split_plan(paths, out_dir, pol, target=target, npu_all=npu_all, shapes=shapes, force=force,
-                      preview=preview, progress=progress, board=board, layers_per_call=layers_per_call,
-                      state_update=state_update, prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit)
+        return _choose_for_model(pol, paths, out_dir, opts)
+    return split_plan(paths, out_dir, pol, opts)
 
 
-def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Policy, target: str = "rk3588",
-               npu_all: bool = False, shapes: dict | None = None, force: bool = False, preview: bool = False,
-               progress: bool = True, board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
-               state_update: str = "cpu", prefill_chunk: int | None = None, npu_io: str = "float16",
-               nsplit: bool = True, record: dict | None = None) -> tuple[dict, list[GraphReport]]:
+def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Policy, opts: SplitOptions,
+               record: dict | None = None) -> tuple[dict, list[GraphReport]]:
     """One policy's split of the source graphs, never composed at model level (a choosing policy plans per
     graph); `record`: top-level manifest keys (a whole-model choice)."""
-    policy = pol.name
+    opts = replace(opts, policy=pol.name)
+    policy, target, state_update, npu_io = pol.name, opts.target, opts.state_update, opts.npu_io
+    layers_per_call, prefill_chunk, shapes = opts.layers_per_call, opts.prefill_chunk, opts.shapes or {}
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
@@ -373,8 +376,7 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
         taking = ", ".join(p.name for p in policies.concrete() if p.takes_state_update)
         raise UserError(f"--state-update {state_update} goes with --policy {taking} (--policy {policy} keeps the "
                         "recurrent state fp32 on the CPU)")
-    shapes = shapes or {}
-    profile = load_profile(board)
+    profile = load_profile(opts.board)
     sources, model = load_sources(paths)
     if model is not None and model.tokenizer_file is not None:
         _check_tokenizer(model)
@@ -393,7 +395,7 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
     pre_of = {u.name[len("prefill."):]: u for u in pre_units}
     out_dir = Path(out_dir)
     # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
-    bar = tqdm(work, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
+    bar = tqdm(work, desc="split", unit="graph", disable=None if opts.progress else True, file=sys.stderr,
                leave=False)
     entries, reports, pre_entries = [], [], []
     source_inputs: set[str] = set()
@@ -424,19 +426,17 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
         if stage is not None:
             seg_dir = stage / "segments"
             seg_dir.mkdir()
-        root = out_dir if stage is not None else None
+        job = _Job(pol, opts, profile, model, seg_dir, out_dir if stage is not None else None)
         for unit in bar:
             bar.set_postfix_str(unit.name)
-            links = dict(npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(dec_of) if model else None,
-                         prefill_link_dtypes=link_dtypes(pre_of_src) if model and chunk else None)
-            (entry, report), *pre = _split_unit(unit, pol, target, npu_all, shapes, seg_dir, root, profile, model,
-                                                state_update, pre_of.get(unit.name), chunk, **links)
+            (entry, report), *pre = _split_unit(
+                unit, job, pre_of.get(unit.name), chunk, link_dtypes(dec_of) if model else None,
+                link_dtypes(pre_of_src) if model and chunk else None)
             note_written(entry)
             for e, _ in pre:
                 note_written(e)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
-                pre += _split_unit(own_head, pol, target, npu_all, shapes, seg_dir, root, profile, model,
-                                   state_update, npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(pre_of_src))
+                pre += _split_unit(own_head, job, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own
@@ -451,10 +451,10 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     def manifest_data() -> dict:
-        loop = model_loop(model, work, entries, npu_all) if model else None
+        loop = model_loop(model, work, entries, opts.npu_all) if model else None
         data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
+                "target": target, "policy": policy, "npu_all": opts.npu_all, "board": profile.name,
                 "graphs": entries, "model": loop, **(record or {})}
         if pre_entries:
             head = own_head or next(u for u in work if u.name == "head")
@@ -462,12 +462,12 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
                                "graphs": pre_entries}
         return data
 
-    if preview:
+    if opts.preview:
         run(None)
         data = manifest_data()
         _price_reports(data, reports, profile)
     else:
-        with staged_directory(out_dir, force=force) as stage:
+        with staged_directory(out_dir, force=opts.force) as stage:
             run(stage)
             data = manifest_data()
             _price_reports(data, reports, profile)

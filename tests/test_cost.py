@@ -672,6 +672,7 @@ def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul, model_factory):
 
 def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
     from rwkv2rknn import policies
+    from rwkv2rknn.options import SplitOptions
     from rwkv2rknn.split import split_plan
 
     m2 = model_factory(layers=3, embd=512, vocab=4096)
@@ -684,8 +685,8 @@ def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
     top = auto["auto"]
     assert set(top["candidates"]) == {"auto", "deep"} and top["predicted_ms"] == min(top["candidates"].values())
     assert top["reason"].startswith("lowest predicted decode time")
-    per_graph = auto if top["chosen"] == "auto" else split_plan([m2], "unused", policies.get("auto"), preview=True,
-                                                                progress=False)[0]
+    per_graph = auto if top["chosen"] == "auto" else split_plan([m2], "unused", policies.get("auto"),
+                                                                SplitOptions(preview=True, progress=False))[0]
     for g in per_graph["graphs"]:
         rec = g["auto"]
         assert rec["chosen"] == g["policy"] and rec["runner_up"]["policy"] != rec["chosen"]

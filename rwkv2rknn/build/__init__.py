@@ -7,13 +7,13 @@ model_check.py  the whole-model check (a child process: the simulator is native 
 """
 
 from rwkv2rknn.build.driver import (
-    DEFAULT_TIMEOUT,
     RKNN_TARGETS,
     BuildReport,
     build_manifest,
     check_toolkit,
 )
 from rwkv2rknn.build.jobs import SegmentResult, bisect_segment, build_key
+from rwkv2rknn.options import DEFAULT_TIMEOUT, BuildOptions
 
-__all__ = ["DEFAULT_TIMEOUT", "RKNN_TARGETS", "BuildReport", "SegmentResult", "bisect_segment", "build_key",
+__all__ = ["DEFAULT_TIMEOUT", "RKNN_TARGETS", "BuildOptions", "BuildReport", "SegmentResult", "bisect_segment", "build_key",
            "build_manifest", "check_toolkit"]

@@ -59,19 +59,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def options(args):
+    """The command line's SplitOptions (rwkv2rknn/options.py)."""
+    from rwkv2rknn.options import SplitOptions
+    from rwkv2rknn.split import parse_shapes
+
+    return SplitOptions(policy=args.policy, target=args.target, npu_all=args.npu_all, shapes=parse_shapes(args.shape),
+                        force=args.force, preview=args.preview, progress=not args.quiet, board=args.board,
+                        layers_per_call=args.layers_per_call, state_update=args.state_update,
+                        prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit)
+
+
 def run(args) -> int:
-    from rwkv2rknn.split import parse_shapes, split_model
+    from rwkv2rknn.split import split_model
 
     console = make_console()
     policy = policies.get(args.policy)
     for note in policy.cli_notes(args.state_update):
         print(f"rwkv2rknn split: note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
-    data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
-                                npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
-                                preview=args.preview, progress=not args.quiet, board=args.board,
-                                layers_per_call=args.layers_per_call, state_update=args.state_update,
-                                prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit)
+    data, reports = split_model(args.model, args.out, options(args))
     if args.preview:
         for rep in reports:
             for note in rep.notes:
