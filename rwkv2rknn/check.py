@@ -12,7 +12,7 @@ from rwkv2rknn.errors import UserError
 
 
 def run_check(chain, root, args) -> int:
-    from rwkv2rknn.build.trace import random_feed
+    from rwkv2rknn.feeds import random_feed
     from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.run.runners import OrtRunner
 

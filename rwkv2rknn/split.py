@@ -290,7 +290,7 @@ def _write_program(data: dict, stage: Path) -> None:
     """OUT/program.json: the plan lowered to the execution program the runtime executes (no build yet)."""
     from rwkv2rknn.program import PROGRAM_NAME, save
     from rwkv2rknn.program.lower import LoweringError, lower
-    from rwkv2rknn.run.source import source_hashes
+    from rwkv2rknn.artifacts import source_hashes
 
     try:
         program = lower(data, None, producer=f"rwkv2rknn {__version__}", source=source_hashes(stage))

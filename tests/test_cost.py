@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from rwkv2rknn.cost import CATEGORIES, CONSTANTS, estimate, load_profile, price_segment, segment_features
 from rwkv2rknn.cost.calibrate import PROBE_SHAPES, calibrate, probe_models
 from rwkv2rknn.cost.estimate import with_features
-from rwkv2rknn.cost.plan import features_plan, repeat_layers
+from rwkv2rknn.cost.plan import repeat_layers
+from rwkv2rknn.preview import features_plan
 from rwkv2rknn.cost.profile import shipped_profiles
 from rwkv2rknn.errors import UserError
 

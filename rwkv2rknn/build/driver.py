@@ -20,6 +20,7 @@ from rwkv2rknn.build.inputs import (
     MIN_CHECK_TOKENS,
     calib_tokens,
     random_samples,
+    Runtime,
     say,
     trace,
 )
@@ -186,11 +187,14 @@ def _check_inputs(path: Path, m: Manifest) -> None:
                             "copy it again, or run `rwkv2rknn split` again")
 
 
-def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | None = None,
-                   **overrides) -> BuildReport:
+def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | None = None, *,
+                   runtime: Runtime | None, **overrides) -> BuildReport:
     """Compile every NPU segment of OUT/manifest.json into OUT/rknn/<id>.rknn and record it in the manifest.
 
     `options` (rwkv2rknn/options.py; default BuildOptions()); keyword `overrides` replace its fields.
+    `runtime`: what the build needs of the runtime (rwkv2rknn.verify.RUNTIME: segment-input traces, the whole-model
+    check, tokenizers), given by the caller since build/ never imports the runtime; None: segments are verified on
+    random inputs, text needs token ids, and there is no whole-model check.
     Each built segment is verified in the simulator on real activations; a whole model is then run
     on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`). With w8a8, a
     segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16, and
@@ -225,7 +229,8 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | No
         for stale in rknn_dir.glob(".work-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-        text_ids = calib_tokens(m, calib, MIN_CHECK_TOKENS) if (precision == "w8a8" or verify or calib) else None
+        text_ids = (calib_tokens(m, calib, MIN_CHECK_TOKENS, runtime) if (precision == "w8a8" or verify or calib)
+                    else None)
         calib_ids = text_ids if precision == "w8a8" else None
         calib_sha = hashlib.sha256(json.dumps(calib_ids).encode()).hexdigest() if calib_ids is not None else None
 
@@ -267,7 +272,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | No
         saved()  # from here no entry names an .rknn this build will replace
 
         if todo:
-            tasks = _tasks(m, todo, verify, calib_ids, text_ids)
+            tasks = _tasks(m, todo, verify, calib_ids, text_ids, runtime)
             builder = Builder(saved, m, opts, toolkit, calib_sha, report.results)
             try:
                 builder.run(tasks)
@@ -283,19 +288,21 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | No
                 report.compiles += builder.compiles
         _predict_core_masks(m)
         report.warnings += _segment_warnings(report, precision)
-        if verify and opts.verify_model and m.model is not None and text_ids is not None:
-            report.verify_model = _check_whole_model(m, saved, text_ids, previous_check, precision, timeout)
+        if verify and opts.verify_model and m.model is not None and text_ids is not None and runtime is not None:
+            report.verify_model = _check_whole_model(m, saved, text_ids, previous_check, precision, timeout,
+                                                     runtime.check_module)
             report.warnings += _model_warnings(report.verify_model, precision)
         saved()
     report.wall = time.perf_counter() - t0
     return report
 
 
-def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None, text_ids: list[int] | None) -> list[Task]:
+def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None, text_ids: list[int] | None,
+           runtime: Runtime | None) -> list[Task]:
     # real text, not random ids: a trained model's activations on tokens it never saw are not what it runs on
     ids = text_ids[:VERIFY_TOKENS] if text_ids and m.model is not None else None
-    samples_by_id = trace(m, ids, VERIFY_TOKENS, 0) if verify else None
-    calib_by_id = trace(m, calib_ids, len(calib_ids), 1) if calib_ids is not None else None
+    samples_by_id = trace(runtime, m, ids, VERIFY_TOKENS, 0) if verify else None
+    calib_by_id = trace(runtime, m, calib_ids, len(calib_ids), 1) if calib_ids is not None else None
     if verify and samples_by_id is None:
         say("note: no onnxruntime trace of the chain (rwkv2rknn.run.chain); verifying on random inputs")
     tasks = []
@@ -347,7 +354,7 @@ def _check_key(m: Manifest, tokens: list[int]) -> str:
 
 
 def _check_whole_model(m: Manifest, save, tokens: list[int], previous: dict | None, precision: str,
-                       timeout: float) -> dict | None:
+                       timeout: float, check_module: str) -> dict | None:
     """build.verify_model: the text through the simulator chain and onnxruntime fp32 (in a child process)."""
     npu = [s for _, s in m.segments() if s["backend"] == "npu" and "rknn" in s]
     if not npu:
@@ -369,7 +376,7 @@ def _check_whole_model(m: Manifest, save, tokens: list[int], previous: dict | No
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         limit = max(timeout, 60.0 * len(npu))
         try:
-            proc = subprocess.run([sys.executable, "-m", "rwkv2rknn.build.model_check", str(work / "job.json")],
+            proc = subprocess.run([sys.executable, "-m", check_module, str(work / "job.json")],
                                   stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=limit, cwd=work)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {limit:g} s"}

@@ -60,13 +60,14 @@ def run(args) -> int:
 
     from rwkv2rknn.build import build_manifest
     from rwkv2rknn.errors import UserError
+    from rwkv2rknn.verify import RUNTIME
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
     if args.w8a8_max_rel_l2 is not None and not args.w8a8_max_rel_l2 > 0:
         raise UserError(f"--w8a8-max-rel-l2 {args.w8a8_max_rel_l2}: give a positive bound (e.g. 0.05; inf keeps "
                         "every segment w8a8)")
-    report = build_manifest(args.out, options(args))
+    report = build_manifest(args.out, options(args), runtime=RUNTIME)
     print_summary(make_console(), report, args)
     return 0
 
