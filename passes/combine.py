@@ -133,7 +133,16 @@ def combine_parallel(graph: gs.Graph) -> PassResult:
         def constant(consts, serial, width=width, dtype=dtype):
             return gs.Constant(f"combined{serial}.const", _stack(consts, width).astype(np.dtype(dtype)))
 
-        cur = seed[0].inputs[stages[0].pos]
+        def as_row(t, serial, width=width):
+            """A 1-D [C] operand as [1, C]: the RKNN compiler runs a [C] x [k, C] broadcast on its CPU."""
+            if t.shape is None or len(t.shape) != 1:
+                return t
+            out = gs.Variable(f"combined{serial}.row_in", dtype=t.dtype, shape=[1, width])
+            graph.nodes.append(gs.Node("Reshape", f"combined{serial}.row_in", outputs=[out], inputs=[
+                t, gs.Constant(f"combined{serial}.row_shape", np.array([1, width], dtype=np.int64))]))
+            return out
+
+        cur = as_row(seed[0].inputs[stages[0].pos], f"{serial + 1}s")
         for st in stages:
             serial += 1
             if st.op in _UNARY:
@@ -149,7 +158,7 @@ def combine_parallel(graph: gs.Graph) -> PassResult:
                         used.add(id(n))
                         n.outputs.clear()
                 else:
-                    other = st.shared if st.shared is not None else constant(st.consts, serial)
+                    other = as_row(st.shared, f"{serial}o") if st.shared is not None else constant(st.consts, serial)
                 ins = [cur, other] if st.pos == 0 else [other, cur]
             cur = merged_op(st.op, ins, serial)
         # one Split hands each branch its row, reshaped to what its consumers read

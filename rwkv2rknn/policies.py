@@ -39,10 +39,11 @@ class Placed(NamedTuple):
     notes: tuple | list = ()  # legalization notes (deep): what was rewritten, what was left alone and why
 
 
-def _fewer_ops(graph: gs.Graph) -> gs.Graph:
-    """Fewer, larger ops for the NPU: the token-shift mixes stacked; a group norm's affine on the flat vector, as
-    w8a8 wants (both exact)."""
-    return PassManager([combine_parallel, flat_norm_affine], name="fewer_ops")(graph).graph
+def _fewer_ops(graph: gs.Graph, combine: bool) -> gs.Graph:
+    """A group norm's affine on the flat vector, as w8a8 wants; with `combine`, fewer, larger ops for the NPU: the
+    token-shift mixes stacked (both exact)."""
+    return PassManager([combine_parallel, flat_norm_affine] if combine else [flat_norm_affine],
+                       name="fewer_ops")(graph).graph
 
 
 class Policy:
@@ -56,6 +57,7 @@ class Policy:
     takes_state_update: bool = False  # --state-update applies
     chooses: bool = False  # per graph its plan is one of other policies' (the summary says which)
     nsplit: bool = True  # False: NPU segments are never split over the three cores (a baseline stays as it was)
+    combine: bool = True  # stack parallel elementwise branches before placement (passes/combine.py)
 
     @property
     def concrete(self) -> bool:
@@ -64,7 +66,7 @@ class Policy:
 
     # -- one graph --------------------------------------------------------------------------------------
     def place(self, graph: gs.Graph, ctx: PlanContext) -> Placed:
-        graph = _fewer_ops(graph)
+        graph = _fewer_ops(graph, self.combine)
         return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all or self.npu_all))
 
     def group(self, graph: gs.Graph, placement: dict) -> list:
@@ -138,6 +140,7 @@ class Cpu(Policy):
     name = "cpu"
     help = "no NPU at all (the baseline every plan must beat)"
     grouping = WholeGraph("cpu", on="cpu")
+    combine = False
 
     def place(self, graph, ctx) -> Placed:  # no NPU: nothing to stack for it
         return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all))
@@ -156,6 +159,9 @@ class Deep(Policy):
     npu_all = True
     groups_layers = True
     takes_state_update = True
+    # stacked mixes in a legalized multi-layer model: the compiler put two Transposes of their Adds on its CPU
+    # (RWKV-4, 2 x 128 per call; not reproduced in isolation), so deep keeps the branches
+    combine = False
 
     def place(self, graph, ctx) -> Placed:
         """Legalized (ops the compiler would run on its CPU rewritten), every node may go to the NPU; with
@@ -163,7 +169,7 @@ class Deep(Policy):
         one NPU call, then one CPU call for the update; with "npu" the state stays fp16 between calls."""
         if ctx.state_update not in STATE_UPDATES:
             raise ValueError(f"state update {ctx.state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
-        steps = [combine_parallel, flat_norm_affine, legalize]
+        steps = ([combine_parallel] if self.combine else []) + [flat_norm_affine, legalize]
         if ctx.state_update == "cpu" and ctx.state_pairs:
             steps.append(bind(clone_state_cone, list(ctx.state_pairs), ctx.recurrent))
         elif ctx.state_pairs:  # the NPU owns the state: keep it fp16 between calls, no conversion per token
