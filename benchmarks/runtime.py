@@ -59,7 +59,7 @@ def prepare_normalized(work: Path) -> None:
         return
     out.mkdir(exist_ok=True)
     for src in sorted((work / "model").glob("*.onnx")):
-        model = gs.export_onnx(normalize(gs.import_onnx(onnx.load(str(src)))))
+        model = gs.export_onnx(normalize(gs.import_onnx(onnx.load(str(src)))).graph)
         onnx.save(model, str(out / src.name))
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.infra import PassResult, same_wiring, wiring
+
 _BINARY = ("Add", "Sub", "Mul", "Div")
 _UNARY = ("Sigmoid", "Tanh", "Relu", "Neg", "Exp")
 
@@ -104,8 +106,9 @@ def _stack(consts: list[np.ndarray], width: int) -> np.ndarray:
     return np.stack([np.broadcast_to(c.reshape(-1) if c.size > 1 else c.reshape(1), (width,)) for c in consts])
 
 
-def combine_parallel(graph: gs.Graph) -> gs.Graph:
+def combine_parallel(graph: gs.Graph) -> PassResult:
     """Stack parallel elementwise branches (see the module docstring); returns the graph, cleaned up."""
+    before = wiring(graph)
     outputs = set(id(t) for t in graph.outputs)
     used: set[int] = set()
     serial = 0
@@ -178,4 +181,4 @@ def combine_parallel(graph: gs.Graph) -> gs.Graph:
             graph.nodes.append(gs.Node("Reshape", f"combined{serial}.Reshape{i}", inputs=[rows[i], shape],
                                        outputs=[end]))
     graph.cleanup().toposort()
-    return graph
+    return PassResult(graph, modified=not same_wiring(before, wiring(graph)))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from passes.legalize_common import Names, Note, constant, detach, float_dtype, shape_of, variable
+from passes.infra import PassResult
+from passes.legalize_common import Names, Note, constant, detach, float_dtype, legalized, shape_of, variable
 from passes.signs import describe, nonpositive
 
 
-def legalize_exp(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
+def legalize_exp(graph: gs.Graph) -> PassResult:
     """Rewrite every Exp whose argument is provably <= 0 (e.g. the WKV form Exp(a - Max(a, b))).
 
     Elu(x) = exp(x) - 1 for x < 0 (alpha = 1), so Elu(x) + 1 = exp(x) on x <= 0; for x > 0 it would be
@@ -37,4 +38,4 @@ def legalize_exp(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
         out_nodes += [elu, add]
         notes.append(Note(node.name, "Exp", True, f"Elu(x) + 1, argument <= 0: {why}", (elu.name, add.name)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

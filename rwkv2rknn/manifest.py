@@ -239,7 +239,7 @@ class Manifest:
         """The execution program of the plan and the current build record (rwkv2rknn/program)."""
         from rwkv2rknn import __version__
         from rwkv2rknn.program.lower import lower
-        from rwkv2rknn.run.source import source_hashes
+        from rwkv2rknn.artifacts import source_hashes
 
         return lower(self.plan, self.current_record(), producer=f"rwkv2rknn {__version__}",
                      source=source_hashes(self.root))
@@ -319,6 +319,11 @@ class Manifest:
 
 
 _VALIDATOR = None
+
+
+def as_manifest(manifest) -> Manifest:
+    """A Manifest as it is, or loaded from a path."""
+    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
 
 
 def validate(data: dict, path: str | Path = "manifest") -> None:

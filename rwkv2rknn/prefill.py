@@ -54,7 +54,7 @@ def batched(graph: gs.Graph, chunk: int, state_pairs: list[tuple[str, str]]) -> 
 
     rows = recurrent_rows(graph, state_pairs) if state_pairs else {}
     # the batched graph's reshapes that became no-ops (e.g. [M, N] -> [M, N]) go, graph outputs included
-    return cancel_reshapes(batch_tokens(graph, chunk, state_pairs)).cleanup().toposort(), rows
+    return cancel_reshapes(batch_tokens(graph, chunk, state_pairs).graph).graph.cleanup().toposort(), rows
 
 
 def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, entries: list[dict],

@@ -127,11 +127,12 @@ def test_published_graphs_build_and_run_in_the_simulator(published, tmp_path):
     """The torch-named boundary tensors (/Add_13_output_0, ...) go through rknn-toolkit2 unchanged."""
     pytest.importorskip("rknn.api")
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
     from rwkv2rknn.run.chain import runner_factory
 
     out = tmp_path / "out"
     split_model([published(128, "tensors")], out, policy="fused", prefill_chunk=0, progress=False)
-    build_manifest(out, jobs=2, progress=False)
+    build_manifest(out, runtime=RUNTIME, jobs=2, progress=False)
     manifest = Manifest.load(out / "manifest.json")
     npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
     assert len(npu) >= LAYERS and all("rknn" in s and not s.get("fallback_reason") for s in npu)

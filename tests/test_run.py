@@ -17,7 +17,7 @@ from rwkv_ref import RefModel, cosine
 
 from rwkv2rknn.checkpoints import random_weights
 from rwkv2rknn.run.__main__ import main as run_main
-from rwkv2rknn.build.trace import trace_segment_inputs
+from rwkv2rknn.verify.trace import trace_segment_inputs
 from rwkv2rknn.run.chain import Chain
 
 ROOT = Path(__file__).resolve().parent.parent

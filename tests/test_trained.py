@@ -20,7 +20,7 @@ from conftest import TRAINED_PTH, run_cli, trained_facts
 from rwkv_ref import cosine
 
 from rwkv2rknn.manifest import Manifest
-from rwkv2rknn.build.trace import as_manifest
+from rwkv2rknn.manifest import as_manifest
 from rwkv2rknn.run.chain import Chain, runner_factory
 from rwkv2rknn.split import split_model
 

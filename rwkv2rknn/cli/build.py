@@ -48,20 +48,27 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def options(args):
+    """The command line's BuildOptions (rwkv2rknn/options.py)."""
+    from rwkv2rknn.options import BuildOptions
+
+    return BuildOptions(target=args.target, precision=args.precision, calib=args.calib, jobs=args.jobs,
+                        verify=not args.no_verify, timeout=args.timeout, progress=not args.quiet and sys.stderr.isatty(),
+                        max_rel_l2=args.w8a8_max_rel_l2, keep_fp16=keep_fp16_patterns(args.w8a8_keep_fp16))
+
+
 def run(args) -> int:
 
     from rwkv2rknn.build import build_manifest
     from rwkv2rknn.errors import UserError
+    from rwkv2rknn.verify import RUNTIME
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
     if args.w8a8_max_rel_l2 is not None and not args.w8a8_max_rel_l2 > 0:
         raise UserError(f"--w8a8-max-rel-l2 {args.w8a8_max_rel_l2}: give a positive bound (e.g. 0.05; inf keeps "
                         "every segment w8a8)")
-    report = build_manifest(args.out, target=args.target, precision=args.precision, calib=args.calib,
-                            jobs=args.jobs, verify=not args.no_verify, timeout=args.timeout,
-                            progress=not args.quiet and sys.stderr.isatty(), max_rel_l2=args.w8a8_max_rel_l2,
-                            keep_fp16=keep_fp16_patterns(args.w8a8_keep_fp16))
+    report = build_manifest(args.out, options(args), runtime=RUNTIME)
     print_summary(make_console(), report, args)
     return 0
 

@@ -17,8 +17,8 @@ C, V = 64, 96
 
 def _layers(n):
     w = random_weights(n, C, V, seed=3)
-    mix = [normalize(gs.import_onnx(build_mixing(w.layer(i), i, dtype="float16"))) for i in range(n)]
-    return mix, normalize(gs.import_onnx(build_head(w.head(), dtype="float16")))
+    mix = [normalize(gs.import_onnx(build_mixing(w.layer(i), i, dtype="float16"))).graph for i in range(n)]
+    return mix, normalize(gs.import_onnx(build_head(w.head(), dtype="float16"))).graph
 
 
 def _session(graph):
