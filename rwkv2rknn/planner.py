@@ -19,7 +19,7 @@ from passes.fp16_io import fp16_boundary
 from passes.legalize import legalize
 from passes.nsplit import nsplit
 from passes.partition import propose_segments
-from passes.placement import Placement, place
+from passes.placement import Placement, Seeds, place
 from passes.state_rule import clone_state_cone
 from rwkv2rknn import policies
 from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
@@ -65,6 +65,7 @@ class Boundaries:
     input_dtypes: dict | None = None
     fixed: frozenset = frozenset()
     nsplit: bool = True  # price three N-split pieces (one per core) against each single-row NPU segment
+    seeds: Seeds = Seeds()  # where the fp32 precision rule starts (the model family's; passes/placement.py)
 
 
 def _infos(tensors) -> list[TensorInfo]:
@@ -101,7 +102,7 @@ def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile
             if node.name in update:
                 placement[node.name] = Placement("cpu", STATE_UPDATE_REASON.format(op=node.op))
     else:
-        placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
+        placement = place(graph, target=target, npu_all=npu_all or pol.npu_all, seeds=boundaries.seeds)
     segments = propose_segments(graph, placement, policy=pol.segmenter)
     cuts = extract_segments(graph, segments)
     boundary = None

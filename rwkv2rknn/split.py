@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from passes.partition import DEFAULT_MIN_NPU_FLOPS
 from passes.pipeline import normalize
-from passes.placement import TARGETS
+from passes.placement import TARGETS, Seeds
 from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
@@ -127,12 +127,23 @@ def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pai
                         "with --shape NAME=D0,D1,...") from None
 
 
+def _seeds(unit: Unit, model: RwkvModel | None) -> Seeds:
+    """Where the fp32 precision rule starts in the unit's graph: the family's ops, and the readers of its state
+    inputs the family names (their names in the unit)."""
+    if model is None:
+        return Seeds()
+    prec = model.family.precision
+    inputs = tuple(tensor_ref(unit, s.name, name)["name"]
+                   for s in unit.sources if s.name.startswith("mixing_") for name in prec.state_inputs)
+    return Seeds(tuple(prec.ops), inputs)
+
+
 def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes,
                 nsplit: bool = True) -> Boundaries:
     """A whole model's graphs meet through links and states; a single graph's boundary is its user's (fixed)."""
     if model is None:
         return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs), nsplit)
-    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit)
+    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit, seeds=_seeds(unit, model))
 
 
 def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
