@@ -30,8 +30,8 @@ are refused), or --random weights of a given shape (--family) for tests and benc
 
 EPILOG = """\
 examples:
-  rwkv2rknn export RWKV-4-Pile-430M-20220808-8066.pth -o rwkv430m/
-  rwkv2rknn export rwkv-430m-f16.bin -o rwkv430m/ --dtype float32
+  rwkv2rknn export model.pth -o model/                   # the version is read from the tensor names
+  rwkv2rknn export model-f16.bin -o model/ --dtype float32  # an rwkv.cpp file
   rwkv2rknn export --random --layers 2 --embd 256 --vocab 512 -o tiny/
 """
 

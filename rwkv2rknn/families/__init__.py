@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.families.base import Family, Precision, StateSpec, StateTuning
+from rwkv2rknn.families.base import METADATA_KEY, Family, Precision, StateSpec, StateTuning
 
 DEFAULT = "rwkv4"  # the family of `export --random` without --family
 
@@ -38,8 +38,13 @@ def get(name: str) -> Family:
     raise UserError(f"--family {name!r}: choose one of {', '.join(names())}")
 
 
-def from_layout(path, ins: dict, outs: dict) -> Family:
-    """The family whose layer interface mixing_0.onnx has; a one-line error naming what it has otherwise."""
+def from_layout(path, ins: dict, outs: dict, declared: str | None = None) -> Family:
+    """The family of a layer graph: the one its metadata names (METADATA_KEY, written by every family's exporter)
+    when its interface fits, else the first whose layer interface mixing_0.onnx has (RWKV-5 and RWKV-6 share
+    one: a graph from another exporter is taken as the first); a one-line error naming what it has otherwise."""
+    for f in _registry():
+        if f.name == declared and f.matches(ins, outs):
+            return f
     for f in _registry():
         if f.matches(ins, outs):
             return f
@@ -73,5 +78,5 @@ def load_checkpoint(path) -> tuple[Family, object]:
     return rwkv4, rwkv4_file(path)
 
 
-__all__ = ["DEFAULT", "Family", "Precision", "StateSpec", "StateTuning", "all_families", "from_keys", "from_layout",
+__all__ = ["DEFAULT", "METADATA_KEY", "Family", "Precision", "StateSpec", "StateTuning", "all_families", "from_keys", "from_layout",
            "get", "load_checkpoint", "names"]

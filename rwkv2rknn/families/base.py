@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import onnx
 
 Part = str | int  # "embed", "head", or a layer index
+METADATA_KEY = "rwkv2rknn.family"  # a layer graph's metadata_props entry naming its family (GraphBuilder.model)
 
 
 class Weights(Protocol):

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.families.base import METADATA_KEY
 from rwkv2rknn.fsio import staged_directory
 
 OPSET = 16
@@ -99,11 +100,15 @@ class GraphBuilder:
         # One shared exponent and epsilon per graph: 23 weights + these 2 = the published 25 Constants.
         return {"two": self.weight("pow_exponent", np.array(2.0)), "eps": self.weight("ln_eps", np.array(LN_EPS))}
 
-    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+    def model(self, name: str, inputs: list, outputs: list, family: str | None = None) -> onnx.ModelProto:
+        """The graph as a model; `family` (a layer graph's) is recorded in its metadata, where loading a model
+        directory reads it (families sharing one layer interface are told apart by it)."""
         graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="rwkv2rknn")
         model.ir_version = IR_VERSION
+        if family is not None:
+            helper.set_model_props(model, {METADATA_KEY: family})
         return model
 
     def value(self, name: str, shape: list[int], elem: int | None = None):

@@ -81,6 +81,7 @@ def build_mixing(w: dict[str, np.ndarray], index: int = 0, dtype: str = "float16
         f"mixing_{index}",
         [b.value("input", [C]), b.value("state_in", [5, C])],
         [b.value("output", [C]), b.value("state_out", [5, C])],
+        "rwkv4",
     )
 
 

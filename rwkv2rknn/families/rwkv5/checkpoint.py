@@ -51,8 +51,10 @@ TABLE = {
     "layer": {
         **LN,
         **{f"att.time_mix_{q}": (1, 1, "C") for q in "kvrg"},
-        "att.time_decay": ("H", "N"),
+        # ln_x before time_decay in a written file: the package takes the head count from time_decay only once
+        # an ln_x name has made the file an RWKV-5 (a one-layer file written the other way fails to load there)
         **ATT_COMMON,
+        "att.time_decay": ("H", "N"),
         "ffn.time_mix_k": (1, 1, "C"), "ffn.time_mix_r": (1, 1, "C"),
         **FFN,
     },

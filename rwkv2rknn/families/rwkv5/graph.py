@@ -65,14 +65,14 @@ def matrix_state_attention(b: GraphBuilder, part: dict, r: str, k: str, v: str, 
     return linear(b, part, "att.output.weight", y, "att.out")
 
 
-def finish(b: GraphBuilder, index: int, C: int, H: int, N: int, c: str, h: str) -> onnx.ModelProto:
+def finish(b: GraphBuilder, index: int, C: int, H: int, N: int, c: str, h: str, family: str) -> onnx.ModelProto:
     """state_out = [c; h] and the graph's interface."""
     shape_row = b.index("state_row_shape", [1, -1])
     rows = [b.op("Reshape", [t, shape_row], f"state_row_{i}") for i, t in enumerate((c, h))]
     b.op("Concat", rows, "state_out", axis=0)
     inputs = [b.value("input", [C]), b.value("state_in", [2, C]), b.value("wkv_in", [H, N, N])]
     outputs = [b.value("output", [C]), b.value("state_out", [2, C]), b.value("wkv_out", [H, N, N])]
-    return b.model(f"mixing_{index}", inputs, outputs)
+    return b.model(f"mixing_{index}", inputs, outputs, family)
 
 
 def build_mixing5(part: dict[str, np.ndarray], index: int = 0, dtype: str = "float16",
@@ -101,7 +101,7 @@ def build_mixing5(part: dict[str, np.ndarray], index: int = 0, dtype: str = "flo
     hid = b.op("Relu", [linear(b, part, "ffn.key.weight", fk, "ffn.k")], "ffn.relu")
     hid = b.op("Mul", [hid, hid], "ffn.sq")
     b.op("Add", [x1, b.op("Mul", [fr, linear(b, part, "ffn.value.weight", hid, "ffn.v")], "ffn.out")], "output")
-    return finish(b, index, C, H, N, c, h)
+    return finish(b, index, C, H, N, c, h, "rwkv5")
 
 
 export_model5 = exporter((build_embed, build_mixing5, build_head))

@@ -61,7 +61,7 @@ def build_mixing6(part: dict[str, np.ndarray], index: int = 0, dtype: str = "flo
     hid = b.op("Relu", [linear(b, part, "ffn.key.weight", fk, "ffn.k")], "ffn.relu")
     hid = b.op("Mul", [hid, hid], "ffn.sq")
     b.op("Add", [x1, b.op("Mul", [fr, linear(b, part, "ffn.value.weight", hid, "ffn.v")], "ffn.out")], "output")
-    return finish(b, index, C, H, N, c, h)
+    return finish(b, index, C, H, N, c, h, "rwkv6")
 
 
 export_model6 = exporter((build_embed, build_mixing6, build_head))

@@ -134,7 +134,7 @@ def build_mixing7(part: dict[str, np.ndarray], index: int = 0, dtype: str = "flo
     inputs = [b.value("input", [C]), b.value("state_in", [2, C]), b.value("wkv_in", [H, N, N])]
     outputs = [b.value("output", [C]), b.value("state_out", [2, C]), b.value("wkv_out", [H, N, N])]
     (inputs if index else outputs).append(b.value("v_first", [C]))
-    return b.model(f"mixing_{index}", inputs, outputs)
+    return b.model(f"mixing_{index}", inputs, outputs, "rwkv7")
 
 
 def export_model7(weights: Weights7, out_dir: str | os.PathLike, dtype: str = "float16",
