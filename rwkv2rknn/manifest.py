@@ -123,6 +123,10 @@ SCHEMA = {
             "properties": {
                 "vocab_size": {"type": "integer", "minimum": 1},
                 "family": {"type": "string"},
+                # how a state-tuning file's time_state becomes a layer state (rwkv2rknn.families.StateTuning)
+                "state_tuning": {"type": ["object", "null"], "required": ["input", "axes"],
+                                 "properties": {"input": {"type": "string"},
+                                                "axes": {"type": "array", "items": {"type": "integer"}}}},
                 "n_layer": {"type": "integer"},
                 "n_embd": {"type": "integer"},
                 "tokenizer": {"type": ["string", "null"]},

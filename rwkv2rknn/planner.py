@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from passes.boundary import BoundaryResult, board_boundaries
 from passes.cut import TensorInfo, extract_segments
 from passes.nsplit import nsplit
+from passes.placement import Seeds
 from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
 from rwkv2rknn.cost.features import segment_features
 from rwkv2rknn.cost.profile import BoardProfile
@@ -58,6 +59,7 @@ class Boundaries:
     input_dtypes: dict | None = None
     fixed: frozenset = frozenset()
     nsplit: bool = True  # price three N-split pieces (one per core) against each single-row NPU segment
+    seeds: Seeds = Seeds()  # where the fp32 precision rule starts (the model family's; passes/placement.py)
 
 
 def _infos(tensors) -> list[TensorInfo]:

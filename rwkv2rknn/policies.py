@@ -68,7 +68,8 @@ class Policy:
     # -- one graph --------------------------------------------------------------------------------------
     def place(self, graph: gs.Graph, ctx: PlanContext) -> Placed:
         graph = _fewer_ops(graph, self.combine)
-        return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all or self.npu_all))
+        return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all or self.npu_all,
+                                     seeds=ctx.boundaries.seeds))
 
     def group(self, graph: gs.Graph, placement: dict) -> list:
         return propose_segments(graph, placement, self.grouping)
@@ -147,7 +148,7 @@ class Cpu(Policy):
     model_candidate = True
 
     def place(self, graph, ctx) -> Placed:  # no NPU: nothing to stack for it
-        return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all))
+        return Placed(graph, place(graph, target=ctx.target, npu_all=ctx.npu_all, seeds=ctx.boundaries.seeds))
 
     def moved_reason(self, node, seg) -> str:
         if seg.backend == "cpu":

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from passes.infra import PassError
 from passes.pipeline import normalize
-from passes.placement import TARGETS
+from passes.placement import TARGETS, Seeds
 from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
@@ -129,6 +129,17 @@ def _plan(graph: gs.Graph, policy: policies.Policy, ctx: PlanContext, where):
                         "with --shape NAME=D0,D1,...") from None
 
 
+def _seeds(unit: Unit, model: RwkvModel | None) -> Seeds:
+    """Where the fp32 precision rule starts in the unit's graph: the family's ops, and the readers of its state
+    inputs the family names (their names in the unit)."""
+    if model is None:
+        return Seeds()
+    prec = model.family.precision
+    inputs = tuple(tensor_ref(unit, s.name, name)["name"]
+                   for s in unit.sources if s.name.startswith("mixing_") for name in prec.state_inputs)
+    return Seeds(tuple(prec.ops), inputs)
+
+
 @dataclass(frozen=True)
 class _Job:
     """One split under way: its policy and options, the board profile, the whole model (None: single graphs) and
@@ -151,7 +162,8 @@ def _context(job: _Job, unit: Unit, graph: gs.Graph, link_dtypes, recurrent: dic
         boundaries = Boundaries(opts.npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs),
                                 opts.nsplit)
     else:
-        boundaries = Boundaries(opts.npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=opts.nsplit)
+        boundaries = Boundaries(opts.npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=opts.nsplit,
+                                seeds=_seeds(unit, model))
     return PlanContext(opts.target, job.profile, opts.npu_all, tuple(_state_pairs(unit, model)), opts.state_update,
                        recurrent, boundaries)
 

@@ -1,6 +1,6 @@
 """Test-side writer of Hugging Face RWKV-7 checkpoints in the flash-linear-attention (fla-hub) layout, from an
 x070 .pth state dict, following fla's utils/convert_from_rwkv7.py (a separate implementation from
-rwkv2rknn/flahub.py).
+rwkv2rknn/families/rwkv7/flahub.py).
 
 That converter renames `blocks.N` -> `model.layers.N`, `att` -> `attn`, `ln0/ln1/ln2` -> `pre_norm/attn_norm/
 ffn_norm`, `receptance/key/value/output/ln_x` (under attn) -> `r_proj/k_proj/v_proj/o_proj/g_norm`, and the

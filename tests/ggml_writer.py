@@ -1,5 +1,5 @@
 """Test-side writer of rwkv.cpp model files: a .pth state dict -> what rwkv.cpp's convert_pytorch_to_ggml.py
-would write, step by step as that converter does it (a separate implementation from rwkv2rknn/rwkvcpp.py).
+would write, step by step as that converter does it (a separate implementation from rwkv2rknn/families/rwkvcpp.py).
 
 The converter, per tensor in state-dict order: tell the version (v7: blocks.0.att.k_k; v6: time_maa_x;
 v5.2: att.gate.weight; v5.1: att.ln_x.weight; else v4); for v7 first concatenate every att.x_* of a layer

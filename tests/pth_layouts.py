@@ -34,7 +34,7 @@ def _ln(rng, p, C):
 
 
 def _x040(L, C, V, rng):
-    from rwkv2rknn.checkpoints import random_weights
+    from rwkv2rknn.families.rwkv4 import random_weights
 
     w = random_weights(L, C, V, seed=int(rng.integers(1 << 30)))
     sd = {}

@@ -16,7 +16,7 @@ from published_pipeline import DOC_MIXING_OPS, WEIGHTS_AS, make_published_model,
 from rwkv_ref import RefModel, cosine, run_chain
 from test_split import _assert_chain_matches_sources
 
-from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.families.rwkv4 import random_weights
 from rwkv2rknn.cli import main as cli_main
 from rwkv2rknn.manifest import Manifest
 from rwkv2rknn.run.chain import Chain
@@ -152,7 +152,7 @@ def test_trained_model_from_published_pipeline_builds_clean(tmp_path):
     pytest.importorskip("rknn.api")
     from conftest import TRAINED_PTH, run_cli
 
-    from rwkv2rknn.checkpoints import load_checkpoint
+    from rwkv2rknn.families.rwkv4 import load_checkpoint
 
     model = make_published_model(load_checkpoint(TRAINED_PTH), tmp_path / "model", weights_as="tensors")
     out = tmp_path / "out"

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--w8a8-keep-fp16", action="append", default=None, metavar="GLOB",
                    help="with w8a8: build the segments whose id matches GLOB fp16 (repeatable; default 'head.*', "
                    "'none' for no exception): the head's int8 MatMul input moved the argmax on 1.5%% of held-out "
-                   "bytes of the trained RWKV-7 fixture (98.5%% agreement, fp16 100%%; docs/w8a8.md)")
+                   "bytes of a trained fixture (98.5%% agreement, fp16 100%%; docs/w8a8.md)")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help=f"compiles in parallel (default: CPU count, {os.cpu_count()})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",

@@ -14,8 +14,8 @@ from passes.batch import batch_tokens, plan_batch
 from passes.graphutil import static_shape
 from passes.pipeline import normalize
 
-export = pytest.importorskip("rwkv2rknn.export")
-checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
+export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
 
 RWKV4_STATE = [("state_in", "state_out")]
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""The passes on graphs from the project's own exporter (rwkv2rknn.export): every file, every policy."""
+"""The passes on graphs from the project's own RWKV-4 exporter (rwkv2rknn.families.rwkv4): every file, every policy."""
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -13,8 +13,8 @@ from passes.placement import place
 GROUPINGS = groupings()  # policy name -> its Grouping
 POLICIES = list(GROUPINGS)
 
-export = pytest.importorskip("rwkv2rknn.export")
-checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
+export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
 
 
 @pytest.fixture(scope="module")

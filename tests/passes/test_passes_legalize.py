@@ -318,9 +318,10 @@ def test_reciprocal_through_legalize_is_exact():
 
 def _layers():
     yield "passes_testlib", rwkv_mixing_model(64)
-    export = pytest.importorskip("rwkv2rknn.export")
-    checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
-    yield "rwkv2rknn.export", export.build_mixing(checkpoints.random_weights(1, 64, 256).layer(0), 0, dtype="float16")
+    export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+    checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
+    yield "rwkv2rknn.families.rwkv4", export.build_mixing(checkpoints.random_weights(1, 64, 256).layer(0), 0,
+                                                          dtype="float16")
 
 
 def test_legalize_rwkv4_layer_matches_onnxruntime_over_40_tokens():
@@ -359,8 +360,8 @@ def test_legalized_layer_compiles_without_cpu_ops_and_matches_in_the_simulator(t
     and the simulator (fp16) matches onnxruntime fp32 with realistic states."""
     pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
     monkeypatch.chdir(tmp_path)  # the verbose compiler writes check*.onnx into the working directory
-    from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.export import build_mixing
+    from rwkv2rknn.families.rwkv4 import random_weights
+    from rwkv2rknn.families.rwkv4 import build_mixing
 
     c = 128
     src = build_mixing(random_weights(1, c, 256).layer(0), 0, dtype="float16")

@@ -11,8 +11,8 @@ from passes.batch import batch_tokens
 from passes.legalize import legalize
 from passes.pipeline import normalize
 from passes.signs import nonpositive
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_mixing
 
 C, M = 64, 5
 

@@ -9,8 +9,8 @@ import pytest
 
 from passes.merge import merge_graphs
 from passes.pipeline import normalize
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_head, build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_head, build_mixing
 
 C, V = 64, 96
 

@@ -12,8 +12,8 @@ from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import Placement, place
 from passes.state_rule import clone_state_cone, update_only_nodes
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_mixing
 
 C = 64
 

@@ -1,13 +1,12 @@
 """Checkpoint files other than a .pth, handed to the families as the .pth state dict they came from.
 
-- rwkv.cpp `.bin` files of RWKV-5/6/7 (rwkv2rknn/rwkvcpp.py): the rearrangements of rwkv.cpp's converter
-  undone. RWKV-4 `.bin` files stay with the RWKV-4 reader (rwkv2rknn/checkpoints.py), which keeps the stored
+- rwkv.cpp `.bin` files of RWKV-5/6/7 (rwkv2rknn/families/rwkvcpp.py): the rearrangements of rwkv.cpp's converter
+  undone. RWKV-4 `.bin` files stay with the RWKV-4 reader (rwkv2rknn/families/rwkv4/), which keeps the stored
   -exp(time_decay) as it is (exact) instead of taking its log;
-- Hugging Face RWKV-7 directories in the fla-hub layout (rwkv2rknn/flahub.py): config.json + *.safetensors.
+- Hugging Face RWKV-7 directories in the fla-hub layout (rwkv2rknn/families/rwkv7/flahub.py): config.json + *.safetensors.
 
 `open_other(path, families)` returns (family, weights), or None for a path the .pth / RWKV-4 readers take.
-A family turns a state dict into its weights with its `from_state_dict(state_dict, source)` when it has
-one, else with the reader named in `_FROM_STATE_DICT`.
+Each ends in the family's own `from_state_dict(get, shapes, source)`, the reader every file format ends in.
 """
 
 from __future__ import annotations
@@ -15,27 +14,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rwkv2rknn import flahub, rwkvcpp
+import numpy as np
+
+from rwkv2rknn.families import rwkvcpp
+from rwkv2rknn.families.rwkv7 import flahub
 from rwkv2rknn.errors import UserError
-
-
-def _rwkv7(state_dict, source):
-    from rwkv2rknn.families.rwkv7 import from_tensors7
-
-    return from_tensors7(state_dict, source)
-
-
-_FROM_STATE_DICT = {"rwkv7": _rwkv7}  # RWKV-4 .bin files keep their own reader
 
 
 def from_state_dict(state_dict: dict, source: str, families, version: str) -> tuple[object, object]:
     """(family, weights) of a state dict in the .pth layout; a one-line error when no family reads it."""
     keys = set(state_dict)
     for family in families:
-        if family.detect_keys(keys):
-            convert = getattr(family, "from_state_dict", None) or _FROM_STATE_DICT.get(family.name)
-            if convert is not None:
-                return family, convert(state_dict, source)
+        if family.detect(keys):
+            shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+            return family, family.from_state_dict(lambda name: np.asarray(state_dict[name], dtype=np.float32),
+                                                   shapes, source)
     labels = ", ".join(f.label for f in families)
     raise UserError(f"{source}: this is an RWKV-{version} checkpoint; supported are {labels}")
 

@@ -195,6 +195,11 @@ def _log_neg_log(d: np.ndarray) -> np.ndarray:
     return _f32(np.log(np.maximum(x, 2.0 ** -30)))
 
 
+def _one_head(a: np.ndarray) -> np.ndarray:
+    """[N, 1] -> [1, N, 1]: the converter squeezes `.time_*` tensors, which drops H of a one-head model's [H, N]."""
+    return a[None] if a.ndim == 2 and a.shape[-1] == 1 else a
+
+
 def _vec3(a: np.ndarray) -> np.ndarray:
     """A squeezed vector back to the trainers' [1, 1, C]."""
     return a.reshape(1, 1, -1)
@@ -236,6 +241,7 @@ class _Undo:
 
     def _v5(self, name, short, a):
         if short in ("att.time_decay", "att.time_first", "att.time_faaaa"):
+            a = _one_head(a) if self.version != "5.1" else a
             if a.ndim != 3 or a.shape[-1] != 1:
                 self._bad(name, a, "[H, N, 1] (5.2) or [H, 1, 1] (5.1)")
             if self.version == "5.1":  # exp(-exp(.)) resp. exp(.), reshaped (-1, 1, 1) from [H]
@@ -251,6 +257,7 @@ class _Undo:
 
     def _v6(self, name, short, a):
         if short in ("att.time_decay", "att.time_faaaa"):
+            a = _one_head(a)
             if a.ndim != 3 or a.shape[-1] != 1:
                 self._bad(name, a, "[H, N, 1]")
             return _vec3(a) if short == "att.time_decay" else a.reshape(a.shape[:2])
