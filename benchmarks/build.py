@@ -20,6 +20,7 @@ from benchmarks.common import ROOT, SHAPES, export_shape, save_results
 
 def measure(work: Path, name: str, jobs: int) -> dict:
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
     from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.split import split_model
 
@@ -28,10 +29,10 @@ def measure(work: Path, name: str, jobs: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # cold means cold: no .rknn from an earlier run
     _, reports = split_model([model], out, progress=False)
     t0 = time.perf_counter()
-    cold = build_manifest(out, jobs=jobs)
+    cold = build_manifest(out, runtime=RUNTIME, jobs=jobs)
     cold_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    warm = build_manifest(out, jobs=jobs)
+    warm = build_manifest(out, runtime=RUNTIME, jobs=jobs)
     warm_s = time.perf_counter() - t0
     verify = [s["verify"] for _, s in Manifest.load(out).segments() if "verify" in s]
     return {"shape": {"layers": layers, "embd": embd, "vocab": vocab}, "jobs": jobs,

@@ -27,7 +27,7 @@ RUNTIMES7 = ("rk3588", "rk3588-c")  # Python RKNNLite and the C API, side by sid
 def run(work: Path) -> dict:
     from rwkv2rknn import policies
     from rwkv2rknn.cost import estimate, load_profile
-    from rwkv2rknn.cost.plan import features_plan
+    from rwkv2rknn.preview import features_plan
 
     model = export_shape(work, "430M")
     rows = []

@@ -34,8 +34,8 @@ VARIANTS = ("rwkv2rknn", "ideal", "ideal_normalized", "naive", "rwkv_pip")
 
 def prepare(work: Path, layers: int, embd: int, vocab: int, seed: int = 0) -> None:
     """Random weights -> fp32 graphs (model/), split (split/), and a .pth for the rwkv package."""
-    from rwkv2rknn.checkpoints import random_weights, save_pth
-    from rwkv2rknn.export import export_model
+    from rwkv2rknn.families.rwkv4 import random_weights, save_pth
+    from rwkv2rknn.families.rwkv4 import export_model
     from rwkv2rknn.split import split_model
 
     stamp = work / f".done-{layers}-{embd}-{vocab}-{seed}"
@@ -59,7 +59,7 @@ def prepare_normalized(work: Path) -> None:
         return
     out.mkdir(exist_ok=True)
     for src in sorted((work / "model").glob("*.onnx")):
-        model = gs.export_onnx(normalize(gs.import_onnx(onnx.load(str(src)))))
+        model = gs.export_onnx(normalize(gs.import_onnx(onnx.load(str(src)))).graph)
         onnx.save(model, str(out / src.name))
 
 

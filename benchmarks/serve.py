@@ -207,8 +207,8 @@ def prepare(work: Path) -> Path:
     """The trained fixture exported and split (once per work dir); returns the split directory."""
     out = work / "out"
     if not (out / "program.json").exists():
-        from rwkv2rknn.checkpoints import load_pth
-        from rwkv2rknn.export import export_model
+        from rwkv2rknn.families.rwkv4 import load_pth
+        from rwkv2rknn.families.rwkv4 import export_model
         from rwkv2rknn.split import split_model
 
         export_model(load_pth(FIXTURE), work / "model", dtype="float16", force=True, progress=False)

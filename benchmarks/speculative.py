@@ -9,7 +9,8 @@ Measured (this machine, onnxruntime; `python -m rwkv2rknn.run` machinery): the t
 - Generation of 1,000 tokens (8 held-out prompts x 125 tokens), greedy and at temperature 1 (top-p 1), plain and
   speculative in the same run (each prompt 3 times, alternating, the fastest kept): acceptance rate (kept drafts
   / drafts), the per-token acceptance p that gives the measured tokens per target pass under the estimate's model,
-  tokens per target pass, where the time goes, and the host speed-up (plain ms/token / speculative ms/token), for k = 1, 2, 4 and two draft plans: the default split and
+  tokens per target pass, where the time goes, and the host speed-up (plain ms/token / speculative ms/token),
+  for k = 1, 2, 4 and two draft plans: the default split and
   `--policy cpu` (one onnxruntime session per graph: fewer calls, which is what costs on this host).
 Predicted (`rwkv2rknn estimate --draft`, board profiles, NOT measurements): RWKV-7 1.5B (24 x 2048, vocab 65536)
 with a 0.1B-shape draft (12 x 768, vocab 65536), random weights of the shapes (LoRA ranks of

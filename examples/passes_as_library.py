@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.cut import extract_segments
-from passes.partition import DEFAULT_MIN_NPU_FLOPS, POLICIES, propose_segments
+from passes.partition import DEFAULT_MIN_NPU_FLOPS, Grouping, MatMulCalls, WholeGraph, propose_segments
 from passes.pipeline import normalize
 from passes.placement import TARGETS, place
 from passes.stats import boundary_bytes, flops_share
@@ -110,10 +110,21 @@ def check_chain(source: onnx.ModelProto, cuts, shapes: dict) -> float:
     return max(float(np.abs(env[k].astype(np.float64) - v.astype(np.float64)).max()) for k, v in ref.items())
 
 
+# How the partitioner groups a placement: a Grouping object per strategy (rwkv2rknn's policies hold theirs the
+# same way, rwkv2rknn/policies.py).
+GROUPINGS = {
+    "cpu": WholeGraph("cpu", on="cpu"),  # no NPU at all
+    "matmul": MatMulCalls(),  # each MatMul its own NPU call
+    "fused": Grouping(),  # maximal NPU runs; tiny ones fold back to the CPU
+    "layer": WholeGraph("layer", on="npu"),  # the whole graph one NPU model
+    "deep": Grouping("deep", npu_first=True, fold_small=False),  # the NPU first, nothing folds back
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="an .onnx file (default: a built-in demo graph)")
-    ap.add_argument("--policy", choices=POLICIES, default="fused")
+    ap.add_argument("--policy", choices=list(GROUPINGS), default="fused")
     ap.add_argument("--target", choices=TARGETS, default="rk3588")
     ap.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                     help="fix a dynamic input's dimensions (repeatable)")
@@ -132,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes = parse_shapes(args.shape)
 
     # 1. Normalize: initializers, fp32 everywhere, static shapes, 2-D MatMuls, folded, sorted.
-    graph = normalize(gs.import_onnx(source), shapes)
+    graph = normalize(gs.import_onnx(source), shapes).graph
     # 2. Place: node name -> Placement(backend, reason), from the target's op table and the precision rule.
     placement = place(graph, target=args.target)
     # 3. Partition: one topological sweep into execution-ordered segments; tiny NPU runs fold back to CPU.
-    segments = propose_segments(graph, placement, policy=args.policy, min_npu_flops=args.min_npu_flops)
+    segments = propose_segments(graph, placement, GROUPINGS[args.policy], min_npu_flops=args.min_npu_flops)
     # 4. Cut: each segment becomes a standalone ONNX model with typed, static boundary tensors.
     cuts = extract_segments(graph, segments)
 

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from passes.batch_ops import Emitter, Val, batch_node
 from passes.graphutil import static_shape, toposort
+from passes.infra import PassResult
 from passes.matmul2d import cancel_reshapes
 from passes.normalize import infer_shapes
 
@@ -162,7 +163,7 @@ def plan_batch(graph: gs.Graph, state_pairs, token_inputs=None) -> BatchPlan:
                 if isinstance(t, gs.Variable) and t.name and (static_shape(t) is None or t.dtype is None)]
 
     if missing_shapes(graph):
-        graph = infer_shapes(graph.copy())
+        graph = infer_shapes(graph.copy()).graph
         still = missing_shapes(graph)
         if still:
             raise ValueError(f"tensors {still[:5]} have no static shape/dtype; run passes.pipeline.normalize first")
@@ -575,19 +576,15 @@ def _check_static(graph: gs.Graph) -> None:
                                  f"shape/dtype after shape inference ({t.shape}, {t.dtype})")
 
 
-def batch_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> gs.Graph:
-    """The graph computing `m` tokens per run; `graph` (a normalized single-token graph) is left untouched.
+def batch_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> PassResult:
+    """The graph computing `m` tokens per run (a new graph; `graph`, a normalized single-token graph, is left
+    untouched); its one note is the BatchPlan: which state parts are shifts, which are scans, and their bodies.
 
     state_pairs: (state input, state output) names; every other input is per token ([C] -> [m, C]) unless
     `token_inputs` lists the per-token ones (the rest are then the same for all tokens). Per-token outputs
     become [m, ...]; state outputs keep their shape and hold the state after the m-th token.
     Raises ValueError naming the node when a part of the graph cannot be batched.
     """
-    return batch_tokens_with_plan(graph, m, state_pairs, token_inputs)[0]
-
-
-def batch_tokens_with_plan(graph: gs.Graph, m: int, state_pairs, token_inputs=None):
-    """(batched graph, BatchPlan): the plan says which state parts are shifts, which are scans, and their bodies."""
     m = int(m)
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
@@ -597,4 +594,4 @@ def batch_tokens_with_plan(graph: gs.Graph, m: int, state_pairs, token_inputs=No
     infer_shapes(out)
     _check_static(out)
     cancel_reshapes(out)
-    return toposort(out.cleanup()), plan
+    return PassResult(toposort(out.cleanup()), (plan,), modified=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.infra import PassResult, same_wiring, wiring
+
 _BINARY = ("Add", "Sub", "Mul", "Div")
 _UNARY = ("Sigmoid", "Tanh", "Relu", "Neg", "Exp")
 
@@ -104,8 +106,9 @@ def _stack(consts: list[np.ndarray], width: int) -> np.ndarray:
     return np.stack([np.broadcast_to(c.reshape(-1) if c.size > 1 else c.reshape(1), (width,)) for c in consts])
 
 
-def combine_parallel(graph: gs.Graph) -> gs.Graph:
+def combine_parallel(graph: gs.Graph) -> PassResult:
     """Stack parallel elementwise branches (see the module docstring); returns the graph, cleaned up."""
+    before = wiring(graph)
     outputs = set(id(t) for t in graph.outputs)
     used: set[int] = set()
     serial = 0
@@ -130,7 +133,16 @@ def combine_parallel(graph: gs.Graph) -> gs.Graph:
         def constant(consts, serial, width=width, dtype=dtype):
             return gs.Constant(f"combined{serial}.const", _stack(consts, width).astype(np.dtype(dtype)))
 
-        cur = seed[0].inputs[stages[0].pos]
+        def as_row(t, serial, width=width):
+            """A 1-D [C] operand as [1, C]: the RKNN compiler runs a [C] x [k, C] broadcast on its CPU."""
+            if t.shape is None or len(t.shape) != 1:
+                return t
+            out = gs.Variable(f"combined{serial}.row_in", dtype=t.dtype, shape=[1, width])
+            graph.nodes.append(gs.Node("Reshape", f"combined{serial}.row_in", outputs=[out], inputs=[
+                t, gs.Constant(f"combined{serial}.row_shape", np.array([1, width], dtype=np.int64))]))
+            return out
+
+        cur = as_row(seed[0].inputs[stages[0].pos], f"{serial + 1}s")
         for st in stages:
             serial += 1
             if st.op in _UNARY:
@@ -146,7 +158,7 @@ def combine_parallel(graph: gs.Graph) -> gs.Graph:
                         used.add(id(n))
                         n.outputs.clear()
                 else:
-                    other = st.shared if st.shared is not None else constant(st.consts, serial)
+                    other = as_row(st.shared, f"{serial}o") if st.shared is not None else constant(st.consts, serial)
                 ins = [cur, other] if st.pos == 0 else [other, cur]
             cur = merged_op(st.op, ins, serial)
         # one Split hands each branch its row, reshaped to what its consumers read
@@ -169,4 +181,4 @@ def combine_parallel(graph: gs.Graph) -> gs.Graph:
             graph.nodes.append(gs.Node("Reshape", f"combined{serial}.Reshape{i}", inputs=[rows[i], shape],
                                        outputs=[end]))
     graph.cleanup().toposort()
-    return graph
+    return PassResult(graph, modified=not same_wiring(before, wiring(graph)))

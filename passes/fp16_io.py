@@ -11,11 +11,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import np_dtype, toposort
+from passes.infra import PassResult
 
 _F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
 
 
-def fp16_boundary(graph: gs.Graph, names: list[str]) -> gs.Graph:
+def fp16_boundary(graph: gs.Graph, names: list[str]) -> PassResult:
     """Make the named float32 graph inputs and outputs float16 at the boundary (Casts inside)."""
     wanted = set(names)
     found = set()
@@ -35,5 +36,5 @@ def fp16_boundary(graph: gs.Graph, names: list[str]) -> gs.Graph:
     missing = wanted - found
     if missing:
         raise ValueError(f"fp16_boundary: no float32 graph input or output named {sorted(missing)[0]!r}")
-    return toposort(graph)
+    return PassResult(toposort(graph), modified=bool(found))
 

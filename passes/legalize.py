@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from passes.graphutil import toposort
+from passes.infra import PassManager, PassResult, tidy
 from passes.legalize_common import Note
 from passes.legalize_div import legalize_div
 from passes.legalize_exp import legalize_exp
@@ -12,30 +12,20 @@ from passes.legalize_max import legalize_max
 from passes.legalize_min import legalize_min
 from passes.legalize_reciprocal import legalize_reciprocal
 
+# Order matters: MatMul-by-a-column first (a product of two computed tensors becomes Mul + ReduceSum, see
+# legalize_matvec), then Exp (its proof reads the Max it follows), Min before Max (Min becomes a Max),
+# Reciprocal before Div (Reciprocal becomes a Div). Max uses the exact 4-D form: the Exp proofs rely on
+# Max being exact, and a + Relu(b - a) is not (with pp = -1e30 it returns 0 instead of k, so k - q > 0).
+LEGALIZE = PassManager([legalize_matvec, legalize_exp, legalize_min, legalize_max, legalize_reciprocal, legalize_div,
+                        tidy], name="legalize")
 
-def legalize(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
-    """Run the legalize passes in order on a normalized graph; returns the graph and every pass's notes.
 
-    Order matters: MatMul-by-a-column first (a product of two computed tensors becomes Mul + ReduceSum, see
-    legalize_matvec), then Exp (its proof reads the Max it follows), Min before Max (Min becomes a Max),
-    Reciprocal before Div (Reciprocal becomes a Div). Max uses the exact 4-D form: the Exp proofs rely on
-    Max being exact, and a + Relu(b - a) is not (with pp = -1e30 it returns 0 instead of k, so k - q > 0).
-    Ends with cleanup + toposort.
+def legalize(graph: gs.Graph) -> PassResult:
+    """Run the legalize passes in order on a normalized graph (LEGALIZE); the notes are every pass's Notes.
+
+    Ends with cleanup + toposort. A pass that raises is named in the PassError.
     """
-    notes: list[Note] = []
-    graph, n = legalize_matvec(graph)
-    notes += n
-    graph, n = legalize_exp(graph)
-    notes += n
-    graph, n = legalize_min(graph)
-    notes += n
-    graph, n = legalize_max(graph)
-    notes += n
-    graph, n = legalize_reciprocal(graph)
-    notes += n
-    graph, n = legalize_div(graph)
-    notes += n
-    return toposort(graph.cleanup()), notes
+    return LEGALIZE(graph)
 
 
-__all__ = ["Note", "legalize"]
+__all__ = ["LEGALIZE", "Note", "legalize"]

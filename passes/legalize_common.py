@@ -8,6 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import np_dtype, static_shape
+from passes.infra import PassResult
 
 
 class Note(NamedTuple):
@@ -21,6 +22,11 @@ class Note(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.node}: {'rewritten' if self.rewritten else 'left alone'}: {self.reason}"
+
+
+def legalized(graph: gs.Graph, notes: list[Note]) -> PassResult:
+    """A legalize pass's result: its notes; modified when it rewrote a node."""
+    return PassResult(graph, tuple(notes), modified=any(n.rewritten for n in notes))
 
 
 class Names:

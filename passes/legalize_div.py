@@ -6,6 +6,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.infra import PassResult
 from passes.legalize_common import (
     Names,
     Note,
@@ -13,6 +14,7 @@ from passes.legalize_common import (
     detach,
     float_dtype,
     hw_layout,
+    legalized,
     reshape,
     same_shape_operands,
     shape_of,
@@ -34,7 +36,7 @@ def _pattern(v):
     return c
 
 
-def legalize_div(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
+def legalize_div(graph: gs.Graph) -> PassResult:
     """Rewrite Div(a, b) with a variable divisor of the output's full shape into Reshape -> Div -> Reshape.
 
     rknn-toolkit2 2.5.0 runs Div on the NPU only with a channel dimension of 1 and H, W > 1: [1, C] and
@@ -98,4 +100,4 @@ def legalize_div(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
         out_nodes += new
         notes.append(Note(node.name, "Div", True, how, tuple(n.name for n in new)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.legalize_common import Names, Note, constant, detach, float_dtype, reshape, shape_of, variable
+from passes.infra import PassResult
+from passes.legalize_common import Names, Note, constant, detach, float_dtype, legalized, reshape, shape_of, variable
 
 MAX_RANK = 4  # the NPU's largest rank (passes/placement.py MAX_NPU_RANK)
 
@@ -37,7 +38,7 @@ def _why_not(a, b, y) -> str:
     return ""
 
 
-def legalize_matvec(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
+def legalize_matvec(graph: gs.Graph) -> PassResult:
     """Rewrite MatMul(A [..., M, K], B [..., K, 1]), both computed, as ReduceSum(Mul(A, B_row), axes=[-1], keepdims=1).
 
     B_row is B reshaped to [..., 1, K] (the same elements in the same order). Equal batch dimensions only,
@@ -83,4 +84,4 @@ def legalize_matvec(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
                           f"matrix {sa} times column {sb}: ReduceSum(Mul(A, B as {sb[:-2] + [1, k]}), last axis)",
                           tuple(n.name for n in new)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

@@ -5,12 +5,23 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from passes.legalize_common import Names, Note, detach, float_dtype, reshape, same_shape_operands, shape_of, variable
+from passes.infra import PassResult
+from passes.legalize_common import (
+    Names,
+    Note,
+    detach,
+    float_dtype,
+    legalized,
+    reshape,
+    same_shape_operands,
+    shape_of,
+    variable,
+)
 
 FORMS = ("4d", "relu")
 
 
-def legalize_max(graph: gs.Graph, form: str = "4d") -> tuple[gs.Graph, list[Note]]:
+def legalize_max(graph: gs.Graph, form: str = "4d") -> PassResult:
     """Rewrite each two-input Max of rank < 4 (rknn-toolkit2 2.5.0 places those on the CPU; 4-D ones on the NPU).
 
     form="4d": Reshape both operands to [1, N, 1, 1], Max, Reshape back: exact, and -inf/inf stay right
@@ -64,4 +75,4 @@ def legalize_max(graph: gs.Graph, form: str = "4d") -> tuple[gs.Graph, list[Note
         out_nodes += new
         notes.append(Note(node.name, "Max", True, how, tuple(n.name for n in new)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.legalize_common import Names, Note, detach, float_dtype, shape_of, variable
+from passes.infra import PassResult
+from passes.legalize_common import Names, Note, detach, float_dtype, legalized, shape_of, variable
 
 
-def legalize_min(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
+def legalize_min(graph: gs.Graph) -> PassResult:
     """Rewrite each two-input Min as Neg(Max(Neg(a), Neg(b))): exact (negation is exact, Max picks an operand).
 
     The new Max still needs legalize_max (run after this pass) to get the 4-D layout the NPU takes.
@@ -42,4 +43,4 @@ def legalize_min(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
         out_nodes += new
         notes.append(Note(node.name, "Min", True, "-Max(-a, -b) (exact)", tuple(n.name for n in new)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.legalize_common import Names, Note, constant, detach, float_dtype
+from passes.infra import PassResult
+from passes.legalize_common import Names, Note, constant, detach, float_dtype, legalized
 
 
-def legalize_reciprocal(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
+def legalize_reciprocal(graph: gs.Graph) -> PassResult:
     """Rewrite Reciprocal(x) as Div(ones, x) with a scalar constant 1 (exact: IEEE 1/x is the same operation).
 
     Alone this gains nothing (a scalar-numerator Div stays on the CPU); legalize_div, run after it,
@@ -26,4 +27,4 @@ def legalize_reciprocal(graph: gs.Graph) -> tuple[gs.Graph, list[Note]]:
         out_nodes.append(div)
         notes.append(Note(node.name, "Reciprocal", True, "Div(1, x) (exact)", (div.name,)))
     graph.nodes = out_nodes
-    return graph, notes
+    return legalized(graph, notes)

@@ -5,16 +5,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import bypass, static_shape
+from passes.infra import PassResult
 
 
 def _shape_const(name, dims):
     return gs.Constant(name, np.array(dims, dtype=np.int64))
 
 
-def matmul_to_2d(graph: gs.Graph) -> gs.Graph:
+def matmul_to_2d(graph: gs.Graph) -> PassResult:
     """MatMul(W[out,in] const, x[in]) and MatMul(x[in], W[in,out] const) -> Reshape, 2-D MatMul, Reshape."""
     transposed = {}  # id(W) -> W^T constant, so a shared weight is transposed once
     new_nodes = []
+    rewritten = 0
     for node in graph.nodes:
         if node.op != "MatMul" or len(node.inputs) != 2:
             new_nodes.append(node)
@@ -53,8 +55,9 @@ def matmul_to_2d(graph: gs.Graph) -> gs.Graph:
                        outputs=[out])
         out.dtype, out.shape = dt, [n_out]
         new_nodes.extend([pre, node, post])
+        rewritten += 1
     graph.nodes = new_nodes
-    return graph
+    return PassResult(graph, modified=rewritten > 0)
 
 
 def _const_shape(node):
@@ -67,7 +70,7 @@ def _const_shape(node):
     return None if 0 in dims else dims
 
 
-def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
+def cancel_reshapes(graph: gs.Graph) -> PassResult:
     """Reshape(Reshape(x)) -> Reshape(x); a Reshape to its input's own (static) shape is removed.
 
     Only constant target shapes without 0 entries are touched (0 copies a dim from the input).
@@ -75,6 +78,7 @@ def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
     """
     outputs = {id(t) for t in graph.outputs}
     keep = []
+    changed = 0
     for node in graph.nodes:
         if node.op != "Reshape" or _const_shape(node) is None:
             keep.append(node)
@@ -84,11 +88,13 @@ def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
         if up is not None and up.op == "Reshape" and _const_shape(up) is not None:
             node.inputs[0] = up.inputs[0]
             src = node.inputs[0]
+            changed += 1
         out = node.outputs[0]
         in_shape = list(src.values.shape) if isinstance(src, gs.Constant) else static_shape(src)
         out_shape = static_shape(out)
         if in_shape is not None and in_shape == out_shape and id(out) not in outputs:
             bypass(node, src)
+            changed += 1
             continue
         if in_shape is not None and in_shape == out_shape and _renamable(src, outputs):
             # a graph output that is a no-op Reshape of an inner tensor: the inner tensor takes the output's
@@ -100,10 +106,11 @@ def cancel_reshapes(graph: gs.Graph) -> gs.Graph:
             node.inputs.clear()
             node.outputs.clear()
             producer.outputs[producer.outputs.index(src)] = out
+            changed += 1
             continue
         keep.append(node)
     graph.nodes = keep
-    return graph
+    return PassResult(graph, modified=changed > 0)
 
 
 def _renamable(src, outputs: set) -> bool:

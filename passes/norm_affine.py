@@ -12,14 +12,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import static_shape
+from passes.infra import PassResult, same_wiring, wiring
 
 
 def _const(t):
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 
-def flat_norm_affine(graph: gs.Graph) -> gs.Graph:
+def flat_norm_affine(graph: gs.Graph) -> PassResult:
     """Rewrite Div(centered, std) -> Mul(W[G, N]) -> Add(B[G, N]) as Reshape -> Mul(W[G*N]) -> Add -> Reshape."""
+    before = wiring(graph)
     serial = 0
     for mul in list(graph.nodes):
         if mul.op != "Mul" or len(mul.inputs) != 2:
@@ -66,4 +68,4 @@ def flat_norm_affine(graph: gs.Graph) -> gs.Graph:
         graph.nodes.append(gs.Node("Reshape", f"{name}.Reshape_out", inputs=[last, gs.Constant(
             f"{name}.shape_out", np.array(list(shape), np.int64))], outputs=[final]))
     graph.cleanup().toposort()
-    return graph
+    return PassResult(graph, modified=not same_wiring(before, wiring(graph)))

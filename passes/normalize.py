@@ -6,12 +6,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import bypass, static_shape
+from passes.infra import PassResult
 
 
-def name_nodes(graph: gs.Graph) -> gs.Graph:
+def name_nodes(graph: gs.Graph) -> PassResult:
     """Give every node a unique, non-empty name (existing unique names are kept)."""
     seen = set()
     counters = {}
+    renamed = 0
     for node in graph.nodes:
         name = node.name
         if name and name not in seen:
@@ -24,7 +26,8 @@ def name_nodes(graph: gs.Graph) -> gs.Graph:
         counters[base] = k + 1
         node.name = f"{base}_{k}"
         seen.add(node.name)
-    return graph
+        renamed += 1
+    return PassResult(graph, modified=renamed > 0)
 
 
 def _constant_value(node):
@@ -40,7 +43,7 @@ def _constant_value(node):
     raise ValueError(f"Constant node {node.name!r}: unsupported attribute {sorted(node.attrs)}")
 
 
-def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
+def constants_to_initializers(graph: gs.Graph) -> PassResult:
     """Turn Constant nodes into initializers (gs.Constant tensors) so weights look the same either way."""
     keep = []
     for node in graph.nodes:
@@ -51,11 +54,12 @@ def constants_to_initializers(graph: gs.Graph) -> gs.Graph:
         out = node.outputs[0]
         node.outputs.clear()
         out.to_constant(values)
+    turned = len(graph.nodes) - len(keep)
     graph.nodes = keep
-    return graph
+    return PassResult(graph, modified=turned > 0)
 
 
-def remove_identities(graph: gs.Graph) -> gs.Graph:
+def remove_identities(graph: gs.Graph) -> PassResult:
     """Bypass Identity nodes; keep those whose output is a graph output (its name must survive)."""
     outputs = {id(t) for t in graph.outputs}
     keep = []
@@ -64,31 +68,37 @@ def remove_identities(graph: gs.Graph) -> gs.Graph:
             bypass(node, node.inputs[0])
             continue
         keep.append(node)
+    removed = len(graph.nodes) - len(keep)
     graph.nodes = keep
-    return graph
+    return PassResult(graph, modified=removed > 0)
 
 
-def materialize_outputs(graph: gs.Graph) -> gs.Graph:
+def materialize_outputs(graph: gs.Graph) -> PassResult:
     """Make every graph output a Variable produced by a node: constant outputs get an Identity.
 
     A graph input listed as an output needs no producer: the runtime's tensor table already holds it.
     """
+    made = 0
     for i, out in enumerate(list(graph.outputs)):
         if isinstance(out, gs.Constant):
+            made += 1
             name = out.name
             out.name = f"{name}__const"
             var = gs.Variable(name, dtype=out.values.dtype, shape=list(out.values.shape))
             graph.nodes.append(gs.Node("Identity", name=f"{name}__identity", inputs=[out], outputs=[var]))
             graph.outputs[i] = var
-    return graph
+    return PassResult(graph, modified=made > 0)
 
 
-def fix_input_shapes(graph: gs.Graph, shapes: dict | None = None) -> gs.Graph:
+def fix_input_shapes(graph: gs.Graph, shapes: dict | None = None) -> PassResult:
     """Give graph inputs static shapes from `shapes`; raise ValueError naming an input left symbolic."""
     shapes = shapes or {}
+    changed = 0
     for inp in graph.inputs:
         if inp.name in shapes:
-            inp.shape = [int(d) for d in shapes[inp.name]]
+            want = [int(d) for d in shapes[inp.name]]
+            changed += list(inp.shape) != want if inp.shape is not None else 1
+            inp.shape = want
         elif static_shape(inp) is None:
             raise ValueError(
                 f"graph input {inp.name!r} has a symbolic or unknown shape {inp.shape}; "
@@ -96,7 +106,7 @@ def fix_input_shapes(graph: gs.Graph, shapes: dict | None = None) -> gs.Graph:
             )
         if inp.dtype is None:
             raise ValueError(f"graph input {inp.name!r} has no dtype")
-    return graph
+    return PassResult(graph, modified=changed > 0)
 
 
 # Constants larger than this go into shape inference as typed inputs, not as data: inference only
@@ -104,11 +114,12 @@ def fix_input_shapes(graph: gs.Graph, shapes: dict | None = None) -> gs.Graph:
 _INFER_DATA_LIMIT = 64
 
 
-def infer_shapes(graph: gs.Graph) -> gs.Graph:
+def infer_shapes(graph: gs.Graph) -> PassResult:
     """Run ONNX shape inference (with data propagation) on a weight-free copy; write the results back."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     inputs = {id(t) for t in graph.inputs}
+    before = _types(graph)
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and id(t) not in inputs:
             t.shape = None  # stale shapes (fp16 era, symbolic) must not conflict with fresh ones
@@ -138,4 +149,10 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
             t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if tt.HasField("shape"):
             t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-    return graph
+    return PassResult(graph, modified=_types(graph) != before)
+
+
+def _types(graph: gs.Graph) -> dict:
+    """name -> (dtype, shape) of every variable: what shape inference writes."""
+    return {name: (str(t.dtype), None if t.shape is None else tuple(t.shape))
+            for name, t in graph.tensors().items() if isinstance(t, gs.Variable)}

@@ -44,6 +44,15 @@ PRECISION_SEEDS = ("Exp", "Log", "Max")
 _WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
 
+class Seeds(NamedTuple):
+    """Where the fp32 precision rule starts: nodes of the op types `ops`, and every node other than a weight op
+    that reads one of the graph inputs `inputs` (a recurrent state whose update has none of those ops, e.g. a
+    constant decay). The caller (a model's family) decides; the default is the op list alone."""
+
+    ops: tuple = PRECISION_SEEDS
+    inputs: tuple = ()
+
+
 def _weight_check(node):
     if node.op == "Conv":
         w = node.inputs[1] if len(node.inputs) > 1 else None
@@ -106,7 +115,7 @@ def supported(node, target="rk3588", whole_models: bool = False) -> Placement:
     return Placement("npu", f"{op}: supported on {target} NPU")
 
 
-def precision_pinned(graph) -> dict:
+def precision_pinned(graph, seeds: Seeds = Seeds()) -> dict:
     """Nodes the fp32 precision rule keeps on the CPU -> reason (seeds, forward and backward closure)."""
     consumers = {}
     for node in graph.nodes:
@@ -115,9 +124,14 @@ def precision_pinned(graph) -> dict:
                 consumers.setdefault(t.name, []).append(node)
     pinned = {}
     queue = deque()
+    state_inputs = set(seeds.inputs)
     for node in graph.nodes:
-        if node.op in PRECISION_SEEDS:
+        if node.op in seeds.ops:
             pinned[node.name] = f"{node.op}: kept fp32 on CPU (precision rule)"
+            queue.append(node)
+        elif node.op not in _WEIGHT_OPS and any(t.name in state_inputs for t in node.inputs):
+            read = next(t.name for t in node.inputs if t.name in state_inputs)
+            pinned[node.name] = f"{node.op}: updates the recurrent state {read}: kept fp32 on CPU (precision rule)"
             queue.append(node)
     while queue:  # forward: everything downstream up to the next weight op
         node = queue.popleft()
@@ -145,12 +159,14 @@ def precision_pinned(graph) -> dict:
     return pinned
 
 
-def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False, whole_models: bool = False) -> dict:
-    """node name -> Placement for every node; npu_all=True switches the precision rule off.
+def place(graph: gs.Graph, target: str = "rk3588", npu_all: bool = False, whole_models: bool = False,
+          seeds: Seeds = Seeds()) -> dict:
+    """node name -> Placement for every node; npu_all=True switches the precision rule off, `seeds` say where it
+    starts (the model family's; default: the op list PRECISION_SEEDS).
 
     whole_models: row reads (Gather at a constant index) and float Casts go to the NPU (the deep policy).
     """
-    pinned = {} if npu_all else precision_pinned(graph)
+    pinned = {} if npu_all else precision_pinned(graph, seeds)
     result = {}
     for node in graph.nodes:
         p = supported(node, target, whole_models)

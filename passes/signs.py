@@ -124,8 +124,7 @@ def _reduce_max_of(m, a):
     return f"{p.name} = ReduceMax({a.name}) >= {a.name}"
 
 
-def nonpositive(t, _depth: int = 0):
-    """A proof that every element of `t` is <= 0, or None."""
+def _nonpositive_rules(t, _depth: int = 0):
     if _depth > MAX_DEPTH:
         return None
     if isinstance(t, gs.Constant):
@@ -176,8 +175,7 @@ def nonpositive(t, _depth: int = 0):
     return None
 
 
-def nonnegative(t, _depth: int = 0):
-    """A proof that every element of `t` is >= 0, or None."""
+def _nonnegative_rules(t, _depth: int = 0):
     if _depth > MAX_DEPTH:
         return None
     if isinstance(t, gs.Constant):
@@ -227,6 +225,32 @@ def nonnegative(t, _depth: int = 0):
         if nonnegative(m, d) and nonpositive(a, d):
             return f"{p.name}: (>= 0) - (<= 0)"
         return None
+    return None
+
+
+def nonpositive(t, _depth: int = 0):
+    """A proof that every element of `t` is <= 0, or None. At the top: the rules above, then interval bounds
+    (passes/bounds.py: an upper bound <= 0)."""
+    why = _nonpositive_rules(t, _depth)
+    return why if why is not None or _depth else _by_interval(t, upper=True)
+
+
+def nonnegative(t, _depth: int = 0):
+    """A proof that every element of `t` is >= 0, or None (rules, then interval bounds at the top)."""
+    why = _nonnegative_rules(t, _depth)
+    return why if why is not None or _depth else _by_interval(t, upper=False)
+
+
+def _by_interval(t, upper: bool):
+    from passes.bounds import interval
+
+    iv = interval(t)
+    if iv is None:
+        return None
+    if upper and np.all(iv.hi <= 0):
+        return f"{t.name} <= 0 by interval bounds [{iv.why}]"
+    if not upper and np.all(iv.lo >= 0):
+        return f"{t.name} >= 0 by interval bounds [{iv.why}]"
     return None
 
 

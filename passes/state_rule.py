@@ -12,10 +12,25 @@ copy of it.
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 import onnx_graphsurgeon as gs
 
 from passes.graphutil import row_index
+from passes.infra import PassResult
+
+
+class StateUpdate(NamedTuple):
+    """A note of the state rule: a node that updates a recurrent state and so runs fp32 on the CPU."""
+
+    node: str
+    op: str
+    copy_of: str | None = None  # a full-precision copy of this node, which keeps its place on the output side
+
+    def __str__(self) -> str:
+        return (f"{self.node}: updates a recurrent state: fp32 on the CPU"
+                + (f" (a copy of {self.copy_of}, which the outputs read)" if self.copy_of else ""))
+
 
 def _users(graph: gs.Graph) -> dict[str, list]:
     users: dict[str, list] = {}
@@ -76,8 +91,8 @@ def recurrent_rows(graph: gs.Graph, state_pairs) -> dict[str, set[int] | None]:
     return out
 
 
-def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int] | None] | None = None) -> set[str]:
-    """The CPU side of the rule; returns the names of the nodes that run on the CPU (clones included).
+def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int] | None] | None = None) -> PassResult:
+    """The CPU side of the rule; its notes are the nodes that run on the CPU (clones included), a StateUpdate each.
 
     The update is every node on a path from a recurrent read of a state (its old value) to the recurrent
     write (its new value), plus what only assembles the state outputs. Update nodes that also feed the
@@ -132,6 +147,7 @@ def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int]
                for t in node.outputs):
             shared.add(id(node))
     clones: dict[int, gs.Node] = {}
+    names = {id(n): n.name for n in graph.nodes}
     cpu = {n.name for n in graph.nodes if id(n) in cpu_ids and id(n) not in shared}
 
     def clone(node) -> gs.Node:
@@ -174,4 +190,6 @@ def clone_state_cone(graph: gs.Graph, state_pairs, recurrent: dict[str, set[int]
                 if x is mine:
                     user.inputs[i] = t
         copy.outputs[k] = t
-    return cpu
+    origin = {c.name: names[i] for i, c in clones.items()}
+    notes = tuple(StateUpdate(n.name, n.op, origin.get(n.name)) for n in graph.nodes if n.name in cpu)
+    return PassResult(graph, notes, modified=bool(clones))

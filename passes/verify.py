@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from passes.batch import _Batcher, _check_static, plan_batch
 from passes.graphutil import static_shape, toposort
+from passes.infra import PassResult
 from passes.matmul2d import cancel_reshapes
 from passes.normalize import infer_shapes
 
@@ -71,10 +72,11 @@ class _RowBatcher(_Batcher):
         return self.bind(t, name, o.dtype, S, taken)
 
 
-def verify_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> gs.Graph:
-    """The graph over `m` rows per run with every row's state: `graph` (a normalized single-token graph) is left
-    untouched. Per-token inputs and outputs become [m, ...] (as passes.batch.batch_tokens); each state output holds
-    the state after row m-1 and `row_output(name, r)` the state after row r < m-1.
+def verify_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> PassResult:
+    """The graph over `m` rows per run with every row's state (a new graph; `graph`, a normalized single-token
+    graph, is left untouched); its one note is the BatchPlan (as passes.batch.batch_tokens). Per-token inputs and
+    outputs become [m, ...] as there; each state output holds the state after row m-1 and `row_output(name, r)`
+    the state after row r < m-1.
     Raises ValueError naming the node when a part of the graph cannot be batched."""
     m = int(m)
     if m < 2:
@@ -85,7 +87,7 @@ def verify_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> gs
     infer_shapes(out)
     _check_static(out)
     cancel_reshapes(out)
-    return toposort(out.cleanup())
+    return PassResult(toposort(out.cleanup()), (plan,), modified=True)
 
 
 __all__ = ["ROW_SUFFIX", "row_output", "verify_tokens"]

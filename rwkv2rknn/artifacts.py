@@ -7,22 +7,37 @@ a segment the compiler could only take in halves holds the halves (`pieces`, eac
 
 `join(plan, record)` gives the combined view the cost model, the report and the build itself read (the shape
 of a format-2 manifest, whose segments held these keys inline); `split_legacy` takes a format-2 manifest
-apart. Standard library only: the runtime lowers an old output with it.
+apart. `source_hashes(root)` stamps a program with the plan and record it was lowered from. Standard library
+only: the runtime lowers an old output with it, and checks a program's stamp.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
 BUILD_NAME = "build.json"
+PLAN_NAME = "manifest.json"  # the plan (rwkv2rknn/manifest.py MANIFEST_NAME)
 RECORD_VERSION = 1
 # Per-segment keys a build writes; a rebuild clears them first so no entry names a file being replaced.
 SEGMENT_KEYS = ("rknn", "rknn_sha256", "toolkit", "precision", "precision_reason", "verify", "build_key",
                 "fallback_reason", "calib", "calib_sha256", "compiler", "hybrid")
 # Keys a build may set on a segment that the plan also carries (the build refines the plan's guess).
 REFINED_KEYS = ("core_mask",)
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def source_hashes(root: Path) -> dict:
+    """sha256 of the plan and build record a program is lowered from (what makes a program stale)."""
+    return {"manifest_sha256": _sha256(root / PLAN_NAME), "build_sha256": _sha256(root / BUILD_NAME)}
 
 
 def plan_graphs(data: dict) -> list[dict]:

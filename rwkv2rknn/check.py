@@ -12,7 +12,7 @@ from rwkv2rknn.errors import UserError
 
 
 def run_check(chain, root, args) -> int:
-    from rwkv2rknn.build.trace import random_feed
+    from rwkv2rknn.feeds import random_feed
     from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.run.runners import OrtRunner
 
@@ -64,7 +64,8 @@ def _fp32_source(path) -> bytes:
     from passes.normalize import constants_to_initializers, remove_identities
     from rwkv2rknn.model import load_onnx_file
 
-    graph = remove_identities(fp16_to_fp32(constants_to_initializers(gs.import_onnx(load_onnx_file(path)))))
+    graph = constants_to_initializers(gs.import_onnx(load_onnx_file(path))).graph
+    graph = remove_identities(fp16_to_fp32(graph).graph).graph
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     model.ir_version = min(model.ir_version, 10)

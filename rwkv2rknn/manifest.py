@@ -117,7 +117,7 @@ SCHEMA = {
                 "logits": _REF,
             },
         },
-        "verify": {  # rwkv2rknn/verify.py: k drafted tokens per call, logits and state after every row
+        "verify": {  # rwkv2rknn/verify_plan.py: k drafted tokens per call, logits and state after every row
             "type": "object",
             "required": ["rows", "graphs", "order", "links", "state", "token_input", "logits"],
             "properties": {
@@ -137,6 +137,10 @@ SCHEMA = {
             "properties": {
                 "vocab_size": {"type": "integer", "minimum": 1},
                 "family": {"type": "string"},
+                # how a state-tuning file's time_state becomes a layer state (rwkv2rknn.families.StateTuning)
+                "state_tuning": {"type": ["object", "null"], "required": ["input", "axes"],
+                                 "properties": {"input": {"type": "string"},
+                                                "axes": {"type": "array", "items": {"type": "integer"}}}},
                 "n_layer": {"type": "integer"},
                 "n_embd": {"type": "integer"},
                 "tokenizer": {"type": ["string", "null"]},
@@ -253,7 +257,7 @@ class Manifest:
         """The execution program of the plan and the current build record (rwkv2rknn/program)."""
         from rwkv2rknn import __version__
         from rwkv2rknn.program.lower import lower
-        from rwkv2rknn.run.source import source_hashes
+        from rwkv2rknn.artifacts import source_hashes
 
         return lower(self.plan, self.current_record(), producer=f"rwkv2rknn {__version__}",
                      source=source_hashes(self.root))
@@ -333,6 +337,11 @@ class Manifest:
 
 
 _VALIDATOR = None
+
+
+def as_manifest(manifest) -> Manifest:
+    """A Manifest as it is, or loaded from a path."""
+    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
 
 
 def validate(data: dict, path: str | Path = "manifest") -> None:

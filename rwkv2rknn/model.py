@@ -144,7 +144,8 @@ def load_model_dir(directory: str | Path) -> RwkvModel:
     from rwkv2rknn import families
 
     ins0, outs0 = io_signature(graphs[1].model)
-    family = families.from_layout(graphs[1].path, ins0, outs0)
+    declared = {p.key: p.value for p in graphs[1].model.metadata_props}.get(families.METADATA_KEY)
+    family = families.from_layout(graphs[1].path, ins0, outs0, declared)
     state_shapes = None
     for i, g in enumerate(graphs[1:-1]):
         l_in, l_out = family.layout(i)

@@ -96,7 +96,9 @@ def model_loop(model: RwkvModel, units: list[Unit], entries: list[dict], npu_all
             if shadow is not None:
                 st["shadow"] = shadow
             state.append(st)
+    tuning = model.family.state_tuning
     return {"family": model.family.name, "n_layer": model.n_layer, "n_embd": model.n_embd,
+            "state_tuning": tuning.record() if tuning is not None else None,
             "vocab_size": model.vocab_size,
             "tokenizer": _tokenizer_hint(model),
             "token_input": ref("embed", "token"),

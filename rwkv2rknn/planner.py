@@ -1,8 +1,8 @@
 """Plans for one normalized graph: a policy's placement, segments and cuts, priced on a board profile.
 
-`plan_graph` makes one policy's plan; `choose_plan` (the `auto` policy) makes every concrete policy's
-plan and keeps the one with the lowest predicted time, naming the runner-up. Prices are PREDICTIONS
-from the board profile (rwkv2rknn/cost), per token at M=1.
+`plan_graph` makes one policy's plan: the policy (rwkv2rknn/policies.py) places and groups, this module cuts,
+sets the board boundaries and prices. The `auto` policy composes such plans. Prices are PREDICTIONS from the
+board profile (rwkv2rknn/cost), per token at M=1.
 """
 
 from __future__ import annotations
@@ -12,16 +12,9 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from passes.boundary import BoundaryResult, board_boundaries
-from passes.combine import combine_parallel
-from passes.norm_affine import flat_norm_affine
 from passes.cut import TensorInfo, extract_segments
-from passes.fp16_io import fp16_boundary
-from passes.legalize import legalize
 from passes.nsplit import nsplit
-from passes.partition import propose_segments
-from passes.placement import Placement, place
-from passes.state_rule import clone_state_cone
-from rwkv2rknn import policies
+from passes.placement import Seeds
 from rwkv2rknn.cost.estimate import SegmentPrice, price_segment
 from rwkv2rknn.cost.features import segment_features
 from rwkv2rknn.cost.profile import BoardProfile
@@ -38,6 +31,7 @@ class GraphPlan:
     notes: list = ()  # legalization notes (deep): what was rewritten, what was left alone and why
     boundary: BoundaryResult | None = None  # the board dtypes of the cut's boundaries (None: fp32 boundaries)
     extra: list = ()  # per cut: {} or an N-split piece's {"parallel", "slices", "core_mask"}
+    choice: dict | None = None  # a plan that policy `auto` chose among others: the manifest's `auto` record
 
     @property
     def ms(self) -> float:
@@ -65,6 +59,7 @@ class Boundaries:
     input_dtypes: dict | None = None
     fixed: frozenset = frozenset()
     nsplit: bool = True  # price three N-split pieces (one per core) against each single-row NPU segment
+    seeds: Seeds = Seeds()  # where the fp32 precision rule starts (the model family's; passes/placement.py)
 
 
 def _infos(tensors) -> list[TensorInfo]:
@@ -73,50 +68,47 @@ def _infos(tensors) -> list[TensorInfo]:
     return [TensorInfo(t.name, np.dtype(t.dtype).name, list(t.shape)) for t in tensors]
 
 
-def plan_graph(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile: BoardProfile,
-               state_pairs: list[tuple[str, str]] = (), state_update: str = "cpu",
-               recurrent: dict | None = None, boundaries: Boundaries = Boundaries()) -> GraphPlan:
-    """One policy's plan of a normalized graph; raises ValueError when the graph cannot be cut.
+@dataclass(frozen=True)
+class PlanContext:
+    """What planning one graph needs besides the graph and its policy.
 
-    deep: the graph is legalized (ops the compiler would run on its CPU rewritten), every node may go to
-    the NPU, and with state_update "cpu" the nodes that update a recurrent state of `state_pairs` stay fp32
-    on the CPU (passes/state_rule.py): one NPU call, then one CPU call for the update. `recurrent`: the
-    recurrent rows per state input (from the single-token graph, for a graph batched over tokens).
+    state_pairs: (state input, state output) names of the graph's recurrent states. state_update (deep): "cpu"
+    keeps the nodes that update a state fp32 on the CPU (passes/state_rule.py), "npu" keeps the state fp16 in the
+    NPU model. recurrent: the recurrent rows per state input (from the single-token graph, for a graph batched
+    over tokens).
     """
-    pol = policies.get(policy)
-    notes = []
-    if pol.segmenter != "cpu":  # fewer, larger ops for the NPU: the token-shift mixes stacked; a group norm's
-        graph = flat_norm_affine(combine_parallel(graph))  # affine on the flat vector, as w8a8 wants (both exact)
-    if pol.segmenter == "deep":
-        if state_update not in STATE_UPDATES:
-            raise ValueError(f"state update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
-        graph, notes = legalize(graph)
-        update = set()
-        if state_update == "cpu" and state_pairs:
-            update = clone_state_cone(graph, state_pairs, recurrent)
-        elif state_pairs:  # the NPU owns the state: keep it fp16 between calls, no conversion per token
-            graph = fp16_boundary(graph, [n for pair in state_pairs for n in pair])
-        placement = place(graph, target=target, npu_all=True, whole_models=True)
-        for node in graph.nodes:
-            if node.name in update:
-                placement[node.name] = Placement("cpu", STATE_UPDATE_REASON.format(op=node.op))
-    else:
-        placement = place(graph, target=target, npu_all=npu_all or pol.npu_all)
-    segments = propose_segments(graph, placement, policy=pol.segmenter)
+
+    target: str
+    profile: BoardProfile
+    npu_all: bool = False
+    state_pairs: tuple = ()
+    state_update: str = "cpu"
+    recurrent: dict | None = None
+    boundaries: Boundaries = Boundaries()
+
+
+def plan_graph(graph: gs.Graph, policy, ctx: PlanContext) -> GraphPlan:
+    """One policy's plan of a normalized graph (rwkv2rknn.policies.Policy: it places and groups; the segments
+    are then cut, given their board boundaries and priced); raises ValueError when the graph cannot be cut."""
+    placed = policy.place(graph, ctx)
+    graph, placement = placed.graph, placed.placement
+    segments = policy.group(graph, placement)
     cuts = extract_segments(graph, segments)
     boundary = None
+    boundaries = ctx.boundaries
     if boundaries.npu_io == "float16":
         boundary = board_boundaries(cuts, _infos(graph.inputs), _infos(graph.outputs), boundaries.input_dtypes,
-                                    state_pairs, boundaries.fixed)
+                                    list(ctx.state_pairs), boundaries.fixed)
         cuts = boundary.cuts
+    profile = ctx.profile
     features = [segment_features(c.model, c.backend) for c in cuts]
     # one call of each segment, over the tokens it processes (M for a graph batched over M tokens)
     prices: list[SegmentPrice] = [price_segment(f, profile, c.backend, f.get("rows", 1)) for f, c in zip(features, cuts)]
     extra: list[dict] = [{} for _ in cuts]
-    if boundaries.nsplit:
+    if boundaries.nsplit and policy.nsplit:
         segments, cuts, features, prices, extra, boundary = _three_cores(segments, cuts, features, prices, extra,
                                                                          boundary, profile)
-    return GraphPlan(policy, placement, segments, cuts, features, prices, notes, boundary, extra)
+    return GraphPlan(policy.name, placement, segments, cuts, features, prices, list(placed.notes), boundary, extra)
 
 
 PIECE_CORES = (1, 2, 4)  # NPU_CORE_0, _1, _2: one N-split piece per core
@@ -171,22 +163,3 @@ def _info(vi) -> TensorInfo:
 
     t = vi.type.tensor_type
     return TensorInfo(vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, [d.dim_value for d in t.shape.dim])
-
-
-def choose_plan(graph: gs.Graph, target: str, npu_all: bool, profile: BoardProfile, state_pairs=(),
-                boundaries: Boundaries = Boundaries()) -> tuple[GraphPlan, dict]:
-    """`auto`: every concrete policy's plan, the cheapest kept; (plan, the manifest's `auto` record)."""
-    plans = [plan_graph(graph, p.name, target, npu_all, profile, state_pairs, boundaries=boundaries)
-             for p in policies.concrete() if not p.groups_layers]
-    ranked = sorted(plans, key=lambda p: (p.ms, p.policy))
-    best = ranked[0]
-    record = {"chosen": best.policy, "predicted_ms": round(best.ms, 4), "board": profile.name,
-              "candidates": {p.policy: round(p.ms, 4) for p in plans}}
-    if len(ranked) > 1:
-        second = ranked[1]
-        record["runner_up"] = {"policy": second.policy, "predicted_ms": round(second.ms, 4)}
-        record["reason"] = (f"lowest predicted time on {profile.name}: {best.policy} {best.ms:.3f} ms per token, "
-                            f"runner-up {second.policy} {second.ms:.3f} ms")
-    else:
-        record["reason"] = f"the only policy: {best.policy} {best.ms:.3f} ms per token on {profile.name}"
-    return best, record

@@ -15,7 +15,21 @@ from passes.state_rule import recurrent_rows
 from rwkv2rknn.deep import Unit, tensor_ref
 from rwkv2rknn.model_loop import fp16_links, hand_offs, input_dtypes, state_shadow
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 16  # tokens per prefill call for small models (below CHUNK_BY_WIDTH's first width)
+# Wider models stream more weight bytes per call, and the NPU runs a chunk's MatMuls at the cost of streaming their
+# weights once until M reaches the roofline's ridge: fp16 ~900 GFLOPS over 11.1 GB/s at 2 B per weight is ~80 rows
+# (int8: ~1.9 TOPS at 1 B, ~85; shared/docs/rk3588-board-costs.md). So the chunk grows with the width, to 64 and
+# 128 rows; a prompt shorter than one chunk runs token by token, which keeps small models at 16.
+CHUNK_BY_WIDTH = ((1024, 64), (2048, 128))
+
+
+def default_chunk(width: int | None) -> int:
+    """Prefill tokens per call for a model of this width (n_embd)."""
+    chunk = DEFAULT_CHUNK
+    for at_least, rows in CHUNK_BY_WIDTH:
+        if width is not None and width >= at_least:
+            chunk = rows
+    return chunk
 MAX_PREFILL_CHUNK = 256  # tokens per prefill call: the batched graph unrolls the recurrence once per token
 PREFIX = "prefill."
 
@@ -40,7 +54,7 @@ def batched(graph: gs.Graph, chunk: int, state_pairs: list[tuple[str, str]]) -> 
 
     rows = recurrent_rows(graph, state_pairs) if state_pairs else {}
     # the batched graph's reshapes that became no-ops (e.g. [M, N] -> [M, N]) go, graph outputs included
-    return cancel_reshapes(batch_tokens(graph, chunk, state_pairs)).cleanup().toposort(), rows
+    return cancel_reshapes(batch_tokens(graph, chunk, state_pairs).graph).graph.cleanup().toposort(), rows
 
 
 def prefill_loop(model, units: list[Unit], head_unit: Unit, decode_loop: dict, entries: list[dict],

@@ -329,7 +329,7 @@ def render_report(manifest_path: str | Path, board: str | None = None) -> str:
     model = manifest.model or {}
     from rwkv2rknn import families
 
-    label = families.get(model.get("family", "rwkv4")).label if model else ""
+    label = families.get(model["family"]).label if model.get("family") else ""
     model_txt = (f"{label}, {model['n_layer']} layers, n_embd {model['n_embd']}, vocab {model['vocab_size']}; "
                  if model else "")
     out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +14,22 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from passes.partition import DEFAULT_MIN_NPU_FLOPS
+from passes.infra import PassError
 from passes.pipeline import normalize
-from passes.placement import TARGETS
+from passes.placement import TARGETS, Seeds
 from rwkv2rknn import __version__, policies
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file, staged_directory, write_json_atomic
-from rwkv2rknn.cost.profile import DEFAULT_PROFILE, load_profile
+from rwkv2rknn.cost.profile import BoardProfile, load_profile
 from rwkv2rknn.manifest import DEFAULT_OUT, FORMAT_VERSION, MANIFEST_NAME, tensor_spec, validate
 from rwkv2rknn.model import RwkvModel, SourceGraph, load_sources
-from rwkv2rknn.deep import Unit, merge_unit, tensor_ref, units
+from rwkv2rknn.deep import Unit, merge_unit, tensor_ref
 from rwkv2rknn.model_loop import model_loop
-from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, choose_plan, plan_graph
-from rwkv2rknn.prefill import DEFAULT_CHUNK, MAX_PREFILL_CHUNK, prefill_loop, prefill_units
+from rwkv2rknn.options import SplitOptions
+from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, PlanContext
+from rwkv2rknn.prefill import MAX_PREFILL_CHUNK, default_chunk, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
+from rwkv2rknn import verify_plan as ver
 from rwkv2rknn.weights import save_segment
 
 
@@ -96,9 +98,11 @@ def _normalized(src: SourceGraph, shapes: dict) -> gs.Graph:
     graph = gs.import_onnx(src.model)
     _check_shapes(src, graph, shapes)
     try:
-        return normalize(graph, shapes)
-    except ValueError as exc:
-        raise UserError(f"{src.path}: {exc}; fix the sizes with --shape NAME=D0,D1,...") from None
+        return normalize(graph, shapes).graph
+    except PassError as exc:
+        if not isinstance(exc.cause, ValueError):
+            raise
+        raise UserError(f"{src.path}: {exc.cause} (pass {exc.name}); fix the sizes with --shape NAME=D0,D1,...") from None
 
 
 def _unit_graph(unit: Unit, shapes: dict, model: RwkvModel | None) -> gs.Graph:
@@ -116,38 +120,65 @@ def _state_pairs(unit: Unit, model: RwkvModel | None) -> list[tuple[str, str]]:
             for s in unit.sources if s.name.startswith("mixing_") for st in model.family.states]
 
 
-def _plan(graph: gs.Graph, policy: str, target: str, npu_all: bool, profile, pairs, state_update: str,
-          recurrent: dict | None, where, boundaries: Boundaries) -> tuple:
+def _plan(graph: gs.Graph, policy: policies.Policy, ctx: PlanContext, where):
     try:
-        if policy == "auto":
-            return choose_plan(graph, target, npu_all, profile, pairs, boundaries)
-        return plan_graph(graph, policy, target, npu_all, profile, pairs, state_update, recurrent, boundaries), None
-    except ValueError as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
+        return policy.plan(graph, ctx)
+    except (ValueError, PassError) as exc:  # e.g. a tensor whose shape no inference could find (a damaged graph)
+        if isinstance(exc, PassError) and not isinstance(exc.cause, ValueError):
+            raise
         raise UserError(f"{where}: cannot cut this graph ({exc}); check the file, or fix input sizes "
                         "with --shape NAME=D0,D1,...") from None
 
 
-def _boundaries(unit: Unit, graph: gs.Graph, model: RwkvModel | None, npu_io: str, link_dtypes,
-                nsplit: bool = True) -> Boundaries:
-    """A whole model's graphs meet through links and states; a single graph's boundary is its user's (fixed)."""
+def _seeds(unit: Unit, model: RwkvModel | None) -> Seeds:
+    """Where the fp32 precision rule starts in the unit's graph: the family's ops, and the readers of its state
+    inputs the family names (their names in the unit)."""
     if model is None:
-        return Boundaries(npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs), nsplit)
-    return Boundaries(npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=nsplit)
+        return Seeds()
+    prec = model.family.precision
+    inputs = tuple(tensor_ref(unit, s.name, name)["name"]
+                   for s in unit.sources if s.name.startswith("mixing_") for name in prec.state_inputs)
+    return Seeds(tuple(prec.ops), inputs)
 
 
-def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir: Path | None,
-                root: Path | None, profile, model: RwkvModel | None, state_update: str,
-                prefill: Unit | None = None, chunk: int = 0, npu_io: str = "float16",
-                link_dtypes=None, prefill_link_dtypes=None, nsplit: bool = True) -> list[tuple[dict, GraphReport]]:
+@dataclass(frozen=True)
+class _Job:
+    """One split under way: its policy and options, the board profile, the whole model (None: single graphs) and
+    where segments are written (None: preview)."""
+
+    policy: policies.Policy
+    options: SplitOptions
+    profile: BoardProfile
+    model: RwkvModel | None
+    seg_dir: Path | None = None
+    root: Path | None = None
+
+
+def _context(job: _Job, unit: Unit, graph: gs.Graph, link_dtypes, recurrent: dict | None = None) -> PlanContext:
+    """Planning one unit's graph. A whole model's graphs meet through links and states; a single graph's boundary
+    is its user's (fixed). link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs from graphs
+    already split (their writers decide: fp16 from an NPU segment)."""
+    opts, model = job.options, job.model
+    if model is None:
+        boundaries = Boundaries(opts.npu_io, None, frozenset(t.name for t in graph.inputs + graph.outputs),
+                                opts.nsplit)
+    else:
+        boundaries = Boundaries(opts.npu_io, link_dtypes(unit) if link_dtypes else None, nsplit=opts.nsplit,
+                                seeds=_seeds(unit, model))
+    return PlanContext(opts.target, job.profile, opts.npu_all, tuple(_state_pairs(unit, model)), opts.state_update,
+                       recurrent, boundaries)
+
+
+def _split_unit(unit: Unit, job: _Job, prefill: Unit | None = None, chunk: int = 0, link_dtypes=None,
+                prefill_link_dtypes=None) -> list[tuple[dict, GraphReport]]:
     """The unit's decode-plan graph entry, and (with `prefill`) the entry of its prefill-plan counterpart.
 
     link_dtypes(unit) / prefill_link_dtypes(unit): the dtypes of the buffers feeding the unit's graph inputs
     from graphs already split (their writers decide: fp16 from an NPU segment)."""
     where = unit.sources[0].path if len(unit.sources) == 1 else f"{unit.sources[0].path} ... {unit.sources[-1].path}"
+    shapes, model = job.options.shapes or {}, job.model
     graph = _unit_graph(unit, shapes, model)
-    if policies.get(policy).groups_layers and not unit.merged:
-        policy = "fused"  # the embedding lookup (and a lone head) stay as fused plans: nothing to merge
-    pairs = _state_pairs(unit, model)
+    policy = job.policy.for_unit(unit)
     batched = rows = None
     if prefill is not None:  # batch before planning: a deep plan rewrites its graph in place
         base = graph if prefill.sources == unit.sources else _unit_graph(prefill, shapes, model)
@@ -156,20 +187,19 @@ def _split_unit(unit: Unit, policy: str, target: str, npu_all: bool, shapes: dic
         except ValueError as exc:
             raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
                             "--prefill-chunk 0 (no prefill plan)") from None
-    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, None, where,
-                       _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
-    out = [_entry(unit, graph, plan, seg_dir, root, state_update, auto)]
+    ctx = _context(job, unit, graph, link_dtypes)
+    out = [_entry(unit, graph, _plan(graph, policy, ctx, where), job)]
     if batched is not None:
-        pplan, pauto = _plan(batched, policy, target, npu_all, profile, _state_pairs(prefill, model), state_update,
-                             rows, where, _boundaries(prefill, batched, model, npu_io, prefill_link_dtypes, nsplit))
-        out.append(_entry(prefill, batched, pplan, seg_dir, root, state_update, pauto, tokens=chunk))
+        pctx = _context(job, prefill, batched, prefill_link_dtypes, rows)
+        out.append(_entry(prefill, batched, _plan(batched, policy, pctx, where), job, tokens=chunk))
     return out
 
 
-def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path | None, state_update: str,
-           auto: dict | None, tokens: int = 1) -> tuple[dict, GraphReport]:
+def _entry(unit: Unit, graph: gs.Graph, plan, job: _Job, tokens: int = 1) -> tuple[dict, GraphReport]:
     """A manifest graph entry from a plan: its segments cut, written (unless preview) and described."""
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
+    planned_by = policies.get(policy)
+    seg_dir, root = job.seg_dir, job.root
     report = GraphReport(unit.name, policy=policy, predicted_ms=plan.ms / tokens,
                          notes=[str(n) for n in plan.notes])
     seg_entries = []
@@ -177,7 +207,7 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         sid = f"{unit.name}.s{i}"
         for node in seg.nodes:
             decided = placement[node.name]
-            reason = decided.reason if decided.backend == seg.backend else _moved_reason(node, seg, policy)
+            reason = decided.reason if decided.backend == seg.backend else planned_by.moved_reason(node, seg)
             report.placement.append({"node": node.name, "op": node.op, "segment": sid,
                                      "backend": seg.backend, "reason": reason})
         report.matmul_flops += cut.matmul_flops
@@ -229,10 +259,9 @@ def _entry(unit: Unit, graph: gs.Graph, plan, seg_dir: Path | None, root: Path |
         entry["tokens_per_call"] = tokens
     if plan.notes:
         entry["legalized"] = report.notes
-    if policy == "deep":
-        entry["state_update"] = state_update
-    if auto is not None:
-        entry["auto"] = auto
+    entry.update(planned_by.entry_fields(job.options.state_update))
+    if plan.choice is not None:
+        entry["auto"] = plan.choice
     return entry, report
 
 
@@ -274,25 +303,13 @@ def _write_program(data: dict, stage: Path) -> None:
     """OUT/program.json: the plan lowered to the execution program the runtime executes (no build yet)."""
     from rwkv2rknn.program import PROGRAM_NAME, save
     from rwkv2rknn.program.lower import LoweringError, lower
-    from rwkv2rknn.run.source import source_hashes
+    from rwkv2rknn.artifacts import source_hashes
 
     try:
         program = lower(data, None, producer=f"rwkv2rknn {__version__}", source=source_hashes(stage))
     except LoweringError as exc:  # a plan the runtime could not execute is a bug of the split, not the user's
         raise RuntimeError(f"the split's plan does not lower to a program: {exc}") from exc
     save(program, stage / PROGRAM_NAME)
-
-
-def _moved_reason(node, seg, policy: str) -> str:
-    """Why a node runs elsewhere than its placement said (a segment's reason names other nodes)."""
-    if seg.backend == "cpu" and policy == "fused":
-        return (f"{node.op}: NPU-capable, but its NPU run had under {DEFAULT_MIN_NPU_FLOPS:,} MatMul FLOPs, "
-                "too few to pay for an NPU call; runs on the CPU")
-    if seg.backend == "cpu" and policy == "matmul":
-        return f"{node.op}: NPU-capable, but the matmul policy sends only MatMuls to the NPU"
-    if seg.backend == "cpu" and policy == "cpu":
-        return f"{node.op}: NPU-capable, but the cpu policy uses no NPU"
-    return f"{node.op}: {seg.reason}"
 
 
 def _source_float_dtype(model: onnx.ModelProto) -> str:
@@ -313,89 +330,82 @@ def _check_tokenizer(model: RwkvModel) -> None:
                         "logits; put the tokenizer the model was trained with beside the graphs")
 
 
-def _auto_model(paths, out_dir, preview: bool, force: bool, **kw) -> tuple[dict, list[GraphReport]]:
-    """auto for a whole model: per-graph auto (cpu, matmul, fused, layer per graph) against deep, by prediction."""
-    grouped = [p.name for p in policies.concrete() if p.groups_layers]
-    plans = {"auto": split_model(paths, policy="auto", preview=True, _record={}, **kw)}
-    for name in grouped:
-        plans[name] = split_model(paths, policy=name, preview=True, _record={}, **kw)
-    ms = {name: data["predicted"]["decode_ms_per_token"] for name, (data, _) in plans.items()}
-    ranked = sorted(ms, key=lambda n: (ms[n], n))
-    best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
-    label = {"auto": "per-graph choice among cpu, matmul, fused, layer"}
-    record = {"policy": "auto", "auto": {"chosen": best, "board": kw["board"], "predicted_ms": round(ms[best], 4),
-                       "candidates": {n: round(v, 4) for n, v in ms.items()},
-                       "reason": f"lowest predicted decode time per token: {best} ({label.get(best, best)}) "
-                                 f"{ms[best]:.2f} ms" + (f", runner-up {second} {ms[second]:.2f} ms" if second else "")}}
-    if preview:
-        data, reports = plans[best]
+def _choose_for_model(policy: policies.Policy, paths, out_dir, opts: SplitOptions) -> tuple[dict, list[GraphReport]]:
+    """A policy that chooses (auto) on a whole model: it prices the whole model split under each of its model
+    candidates (unwritten) and picks one; that split is then written (or, in preview, returned as it is).
+    The candidates get their own layer grouping (--layers-per-call is not passed on)."""
+    opts = replace(opts, layers_per_call=None)
+    previews: dict[str, tuple[dict, list[GraphReport]]] = {}
+
+    def price(candidate: policies.Policy) -> float:
+        previews[candidate.name] = split_plan(paths, out_dir, candidate, replace(opts, preview=True))
+        return previews[candidate.name][0]["predicted"]["decode_ms_per_token"]
+
+    best, record = policy.choose_model(price, opts.board)
+    if opts.preview:
+        data, reports = previews[best.name]
         data.update(record)
         return data, reports
-    data, reports = split_model(paths, out_dir, policy=best, preview=False, force=force, _record=record, **kw)
-    return data, reports
+    return split_plan(paths, out_dir, best, opts, record=record)
 
 
-def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, policy: str = "fused",
-                target: str = "rk3588", npu_all: bool = False, shapes: dict | None = None,
-                force: bool = False, preview: bool = False, progress: bool = True,
-                board: str = DEFAULT_PROFILE, layers_per_call: int | None = None,
-                state_update: str = "cpu", prefill_chunk: int | None = None,
-                _record: dict | None = None, npu_io: str = "float16",
-                nsplit: bool = True, verify_tokens: int = 0) -> tuple[dict, list[GraphReport]]:
+def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, options: SplitOptions | None = None,
+                **overrides) -> tuple[dict, list[GraphReport]]:
     """Split source graphs into segments and write OUT/manifest.json + OUT/segments/ (not in preview).
 
-    Returns the manifest data (also in preview, where nothing is written) and a report per graph. Each
-    segment carries its cost features; `board` prices the plans (the `auto` policy chooses by it).
-    deep: `layers_per_call` layers per merged graph (default: as many as the size budget allows);
-    `state_update` "cpu" keeps the recurrent-state update fp32 on the CPU, "npu" puts it in the NPU model.
-    auto on a whole model: the cheaper (predicted) of per-graph auto and deep, recorded as the manifest's `auto`.
-    prefill_chunk: M prompt tokens per call in a prefill plan beside the decode plan (whole models; default
-    16, 0 for none); its graph entries are named prefill.<graph>.
-    npu_io: "float16" (default) NPU segments read and write fp16 buffers and CPU segments convert inside their own
-    graphs (passes/boundary.py); "float32" keeps every boundary fp32 (exact on onnxruntime; the board converts).
-    nsplit: where predicted faster, a single-row NPU segment becomes three pieces, one per NPU core (passes/nsplit.py).
-    verify_tokens: k > 0 adds a verify plan (rwkv2rknn/verify.py): k drafted tokens checked in one call of k + 1
-    rows, logits and state after every row (speculative decoding with a draft model); its entries are verify.<graph>.
+    `options` (rwkv2rknn/options.py; default SplitOptions()); keyword `overrides` replace its fields
+    (split_model(paths, out, policy="deep", preview=True)). Returns the manifest data (also in preview, where
+    nothing is written) and a report per graph. Each segment carries its cost features; the board profile prices
+    the plans. A policy that chooses (auto) on a whole model prices its model candidates and splits under the one
+    predicted fastest, recorded as the manifest's `auto`. A prefill plan's graph entries are named prefill.<graph>.
     """
-    if policy not in policies.names():
-        raise UserError(f"--policy {policy!r}: choose one of {', '.join(policies.names())}")
-    if policy == "auto" and _record is None and len(paths) == 1 and Path(paths[0]).is_dir():
-        return _auto_model(paths, out_dir, target=target, npu_all=npu_all, shapes=shapes, force=force,
-                           preview=preview, progress=progress, board=board, state_update=state_update,
-                           prefill_chunk=prefill_chunk, npu_io=npu_io, nsplit=nsplit, verify_tokens=verify_tokens)
+    opts = replace(options or SplitOptions(), **overrides)
+    if opts.policy not in policies.names():
+        raise UserError(f"--policy {opts.policy!r}: choose one of {', '.join(policies.names())}")
+    pol = policies.get(opts.policy)
+    if pol.chooses and len(paths) == 1 and Path(paths[0]).is_dir():
+        return _choose_for_model(pol, paths, out_dir, opts)
+    return split_plan(paths, out_dir, pol, opts)
+
+
+def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Policy, opts: SplitOptions,
+               record: dict | None = None) -> tuple[dict, list[GraphReport]]:
+    """One policy's split of the source graphs, never composed at model level (a choosing policy plans per
+    graph); `record`: top-level manifest keys (a whole-model choice)."""
+    opts = replace(opts, policy=pol.name)
+    policy, target, state_update, npu_io = pol.name, opts.target, opts.state_update, opts.npu_io
+    layers_per_call, prefill_chunk, shapes = opts.layers_per_call, opts.prefill_chunk, opts.shapes or {}
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(TARGETS)}")
     if state_update not in STATE_UPDATES:
         raise UserError(f"--state-update {state_update!r}: choose one of {', '.join(STATE_UPDATES)}")
     if npu_io not in NPU_IO:
         raise UserError(f"--npu-io {npu_io!r}: choose one of {', '.join(NPU_IO)}")
-    grouped = policies.get(policy).groups_layers
+    grouped = pol.groups_layers
     if layers_per_call is not None and not grouped:
         merging = ", ".join(p.name for p in policies.concrete() if p.groups_layers)
         raise UserError(f"--layers-per-call goes with a policy that merges layers ({merging})")
-    if state_update != "cpu" and policy != "auto" and policies.get(policy).segmenter != "deep":
-        raise UserError(f"--state-update {state_update} goes with --policy deep (--policy {policy} keeps the "
+    if state_update != "cpu" and not pol.takes_state_update:
+        taking = ", ".join(p.name for p in policies.concrete() if p.takes_state_update)
+        raise UserError(f"--state-update {state_update} goes with --policy {taking} (--policy {policy} keeps the "
                         "recurrent state fp32 on the CPU)")
-    shapes = shapes or {}
-    profile = load_profile(board)
+    profile = load_profile(opts.board)
     sources, model = load_sources(paths)
     if model is not None and model.tokenizer_file is not None:
         _check_tokenizer(model)
     if grouped and model is None:
         raise UserError(f"--policy {policy} merges the layers of a whole model: give a model directory "
                         "(embed.onnx, mixing_*.onnx, head.onnx), not single files")
-    work = units(model, grouped, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
+    work = pol.units(model, layers_per_call) if model is not None else [Unit(s.name, [s]) for s in sources]
     if prefill_chunk is not None and (prefill_chunk < 0 or prefill_chunk == 1 or prefill_chunk > MAX_PREFILL_CHUNK):
         raise UserError(f"--prefill-chunk {prefill_chunk}: give 0 (no prefill plan) or 2 to {MAX_PREFILL_CHUNK} "
                         "tokens per call (the prefill graph unrolls the recurrence once per token)")
-    # deep with the state in the NPU model: its prefill scan (M steps unrolled in fp16 on the NPU) took over
-    # 600 s to compile in the measurements of docs/wkv-precision.md; no prefill plan unless asked for
-    default_chunk = 0 if grouped and state_update == "npu" else DEFAULT_CHUNK
-    chunk = (default_chunk if prefill_chunk is None else prefill_chunk) if model is not None else 0
+    chunk_default = default_chunk(model.n_embd if model is not None else None)
+    chunk_default = chunk_default if pol.prefill_by_default(state_update) else 0
+    chunk = (chunk_default if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
-    from rwkv2rknn import verify as ver
-
+    verify_tokens = opts.verify_tokens
     if verify_tokens and model is None:
         raise UserError("--verify-tokens needs a whole model (a model directory): single graphs have no draft")
     if not 0 <= verify_tokens <= ver.MAX_DRAFT_TOKENS:
@@ -408,7 +418,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
     pre_of = {u.name[len("prefill."):]: u for u in pre_units}
     out_dir = Path(out_dir)
     # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
-    bar = tqdm(work, desc="split", unit="graph", disable=None if progress else True, file=sys.stderr,
+    bar = tqdm(work, desc="split", unit="graph", disable=None if opts.progress else True, file=sys.stderr,
                leave=False)
     entries, reports, pre_entries = [], [], []
     source_inputs: set[str] = set()
@@ -430,7 +440,7 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             return out
         return dtypes
 
-    def record(entry: dict) -> None:
+    def note_written(entry: dict) -> None:
         for t in entry["outputs"]:
             written[(entry["name"], t["name"])] = t["dtype"]
 
@@ -439,26 +449,23 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
         if stage is not None:
             seg_dir = stage / "segments"
             seg_dir.mkdir()
-        root = out_dir if stage is not None else None
+        job = _Job(pol, opts, profile, model, seg_dir, out_dir if stage is not None else None)
         for unit in bar:
             bar.set_postfix_str(unit.name)
-            links = dict(npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(dec_of) if model else None,
-                         prefill_link_dtypes=link_dtypes(pre_of_src) if model and chunk else None)
-            (entry, report), *pre = _split_unit(unit, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                                state_update, pre_of.get(unit.name), chunk, **links)
-            record(entry)
+            (entry, report), *pre = _split_unit(
+                unit, job, pre_of.get(unit.name), chunk, link_dtypes(dec_of) if model else None,
+                link_dtypes(pre_of_src) if model and chunk else None)
+            note_written(entry)
             for e, _ in pre:
-                record(e)
+                note_written(e)
             if verify_tokens:  # the verify plan's counterpart of this unit, k + 1 rows per call
-                vu = ver_units[work.index(unit)]
-                ve, vr = ver.split_verify_unit(vu, verify_tokens + 1, policy, target, npu_all, shapes, seg_dir, root,
-                                               profile, model, state_update, npu_io, nsplit, link_dtypes(ver_of_src))
-                record(ve)
+                ve, vr = ver.split_verify_unit(ver_units[work.index(unit)], job, verify_tokens + 1,
+                                               link_dtypes(ver_of_src))
+                note_written(ve)
                 ver_entries.append(ve)
                 reports.append(vr)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
-                pre += _split_unit(own_head, policy, target, npu_all, shapes, seg_dir, root, profile, model,
-                                   state_update, npu_io=npu_io, nsplit=nsplit, link_dtypes=link_dtypes(pre_of_src))
+                pre += _split_unit(own_head, job, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
                 source_inputs.update(i.name for i in src.model.graph.input)
                 src.release()  # let the source weights go before the next graph loads its own
@@ -473,11 +480,11 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
             raise UserError(f"--shape {unused[0]}=...: no graph has an input named {unused[0]!r}")
 
     def manifest_data() -> dict:
-        loop = model_loop(model, work, entries, npu_all) if model else None
+        loop = model_loop(model, work, entries, opts.npu_all) if model else None
         data = {"format_version": FORMAT_VERSION, "producer": f"rwkv2rknn {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "target": target, "policy": policy, "npu_all": npu_all, "board": profile.name,
-                "graphs": entries, "model": loop, **(_record or {})}
+                "target": target, "policy": policy, "npu_all": opts.npu_all, "board": profile.name,
+                "graphs": entries, "model": loop, **(record or {})}
         if pre_entries:
             head = own_head or next(u for u in work if u.name == "head")
             data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk, entries),
@@ -487,12 +494,12 @@ def split_model(paths: list[str | Path], out_dir: str | Path = DEFAULT_OUT, poli
                               "graphs": ver_entries}
         return data
 
-    if preview:
+    if opts.preview:
         run(None)
         data = manifest_data()
         _price_reports(data, reports, profile)
     else:
-        with staged_directory(out_dir, force=force) as stage:
+        with staged_directory(out_dir, force=opts.force) as stage:
             run(stage)
             data = manifest_data()
             _price_reports(data, reports, profile)

@@ -20,8 +20,8 @@ def make_model(tmp_path_factory, layers: int = 2, embd: int = 64, vocab: int = 2
     The weights are reproducible: `random_weights(layers, embd, vocab, seed=seed)` gives them again,
     e.g. for `rwkv_ref.RefModel`. Treat the directory as read-only: other tests share it.
     """
-    from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.export import export_model
+    from rwkv2rknn.families.rwkv4 import random_weights
+    from rwkv2rknn.families.rwkv4 import export_model
 
     key = (layers, embd, vocab, dtype, weights_as, seed)
     if key not in _MODELS:
@@ -93,8 +93,8 @@ def heldout():
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
     """The trained fixture exported once per session (float16, llama.onnx layout); read-only, shared."""
-    from rwkv2rknn.checkpoints import load_pth
-    from rwkv2rknn.export import export_model
+    from rwkv2rknn.families.rwkv4 import load_pth
+    from rwkv2rknn.families.rwkv4 import export_model
 
     out = tmp_path_factory.mktemp("model_trained_fp16") / "m"
     export_model(load_pth(TRAINED_PTH), out, dtype="float16", progress=False)

@@ -4,8 +4,8 @@ The pipeline (shared/docs/llama-onnx-rwkv4.md): one small torch module per file 
 `torch.onnx.export(opset_version=16)` (the TorchScript exporter, `dynamo=False`) -> onnx-simplifier ->
 onnxconverter-common's `convert_float_to_float16` (fp16 I/O, `keep_io_types=False`) -> IR version 8.
 The modules are written here from the RWKV-4 RNN math in that doc; weights come from a canonical
-`rwkv2rknn.checkpoints.Weights` (time_decay already `w = -exp(raw)`), so `tests/rwkv_ref.RefModel` on the
-same `Weights` is the reference. Our own exporter (rwkv2rknn/export.py) imitates this layout by hand;
+`rwkv2rknn.families.rwkv4.Weights` (time_decay already `w = -exp(raw)`), so `tests/rwkv_ref.RefModel` on the
+same `Weights` is the reference. Our own exporter (rwkv2rknn/families/rwkv4/graph.py) imitates this layout by hand;
 these files are what the real tool chain emits, with all its incidental differences.
 
 Run as a script to write a directory and print op counts against the doc's list:
@@ -171,7 +171,7 @@ def op_count_diff(model: onnx.ModelProto, want: dict[str, int] = DOC_MIXING_OPS)
 def main(argv=None) -> int:
     import argparse
 
-    from rwkv2rknn.checkpoints import random_weights
+    from rwkv2rknn.families.rwkv4 import random_weights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")

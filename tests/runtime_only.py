@@ -16,8 +16,8 @@ import sys
 BLOCKED_TOP = ("onnx", "onnx_graphsurgeon", "rknn", "torch", "jsonschema", "passes", "onnxsim",
                "onnxconverter_common", "rich", "tqdm")
 BLOCKED_OURS = ("rwkv2rknn.split", "rwkv2rknn.build", "rwkv2rknn.cost", "rwkv2rknn.model", "rwkv2rknn.manifest",
-                "rwkv2rknn.compile_worker", "rwkv2rknn.planner", "rwkv2rknn.export", "rwkv2rknn.checkpoints",
-                "rwkv2rknn.families", "rwkv2rknn.deep", "rwkv2rknn.prefill", "rwkv2rknn.simulate",
+                "rwkv2rknn.compile_worker", "rwkv2rknn.planner", "rwkv2rknn.families",
+                "rwkv2rknn.deep", "rwkv2rknn.prefill", "rwkv2rknn.simulate",
                 "rwkv2rknn.check", "rwkv2rknn.model_loop", "rwkv2rknn.cli", "rwkv2rknn.report",
                 "rwkv2rknn.compiler_table", "rwkv2rknn.numerics")
 

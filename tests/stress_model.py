@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkv2rknn.checkpoints import Weights, random_weights
+from rwkv2rknn.families.rwkv4 import Weights, random_weights
 
 # Slowest raw time_decay per layer (cycled for more layers): |w|min = exp(lo) = 3.4e-4, 1.5e-3, 5.5e-4, 6.7e-3.
 DECAY_LO = (-8.0, -6.5, -7.5, -5.0)
@@ -135,7 +135,7 @@ def text_tokens(n: int, source: str | None = None) -> np.ndarray:
 
 
 def export_stress(out_dir, **kw) -> Path:
-    from rwkv2rknn.export import export_model
+    from rwkv2rknn.families.rwkv4 import export_model
 
     export_model(stress_weights(**kw), out_dir, dtype="float16", progress=False)
     return Path(out_dir)
@@ -382,7 +382,7 @@ def ref_vs_fp64(model_dir, weights: Weights, n_tokens: int, every: int = 50) -> 
 
     from rwkv_ref import RefModel
 
-    from rwkv2rknn.checkpoints import from_tensors
+    from rwkv2rknn.families.rwkv4 import from_tensors
     from rwkv2rknn.manifest import Manifest
     from rwkv2rknn.run.chain import Chain, runner_factory
     from rwkv2rknn.split import split_model

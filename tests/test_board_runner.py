@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from rwkv2rknn.build import build_manifest
+
+from rwkv2rknn.verify import RUNTIME
 from rwkv2rknn.split import split_model
 
 pytestmark = pytest.mark.rknn
@@ -84,7 +86,7 @@ class RKNNLite:
 def built(model_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("board") / "out"
     split_model([model_factory(embd=128)], out, prefill_chunk=0, progress=False)
-    build_manifest(out, verify=False, progress=False)  # also builds the calibration probes
+    build_manifest(out, runtime=RUNTIME, verify=False, progress=False)  # also builds the calibration probes
     fake = tmp_path_factory.mktemp("fake")
     (fake / "rknnlite").mkdir()
     (fake / "rknnlite" / "__init__.py").write_text("")

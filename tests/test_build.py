@@ -62,9 +62,10 @@ def _logits(manifest_path, tokens=(1, 50, 200, 7)):
 
 def test_build_handmade_verifies_and_second_build_compiles_nothing(tmp_path, capsys):
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
 
     mpath = make_manifest(tmp_path / "out")
-    first = build_manifest(tmp_path / "out", jobs=2, progress=False)
+    first = build_manifest(tmp_path / "out", runtime=RUNTIME, jobs=2, progress=False)
     assert first.compiles == 2 and first.count("built") == 2
     m = _npu_checked(mpath)
     assert m.data["build"] == {"target": "rk3588", "precision": "fp16", "toolkit": first.toolkit}
@@ -87,7 +88,7 @@ def test_build_handmade_verifies_and_second_build_compiles_nothing(tmp_path, cap
     from rwkv2rknn.fsio import sha256_file
     data["graphs"][0]["segments"][2]["sha256"] = sha256_file(seg)
     mpath.write_text(json.dumps(data))
-    again = build_manifest(tmp_path / "out", jobs=2, progress=False)
+    again = build_manifest(tmp_path / "out", runtime=RUNTIME, jobs=2, progress=False)
     assert again.compiles == 1 and again.count("cached") == 1 and again.count("built") == 1
     _npu_checked(mpath)
 
@@ -117,15 +118,17 @@ def test_inject_crash_bisects_to_cpu_and_keeps_numbers(tmp_path, monkeypatch, ca
 
     # The fallen-back pieces are not retried while nothing changed.
     from rwkv2rknn.build import build_manifest
-    again = build_manifest(tmp_path / "out", progress=False)
+    from rwkv2rknn.verify import RUNTIME
+    again = build_manifest(tmp_path / "out", runtime=RUNTIME, progress=False)
     assert again.compiles == 0 and again.count("fallback") == 4
 
 
 def test_hung_compile_times_out_and_falls_back(tmp_path):
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
 
     mpath = make_manifest(tmp_path / "out")
-    report = build_manifest(tmp_path / "out", timeout=0.3, jobs=2, progress=False)
+    report = build_manifest(tmp_path / "out", runtime=RUNTIME, timeout=0.3, jobs=2, progress=False)
     reasons = {s.get("fallback_reason") for s in _segments(mpath) if s["backend"] == "cpu"} - {None}
     assert reasons == {"compiler timed out after 0.3 s"}
     assert report.count("built") == 0
@@ -134,9 +137,10 @@ def test_hung_compile_times_out_and_falls_back(tmp_path):
 
 def test_w8a8_handmade(tmp_path):
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
 
     mpath = make_manifest(tmp_path / "out")
-    report = build_manifest(tmp_path / "out", precision="w8a8", jobs=2, progress=False)
+    report = build_manifest(tmp_path / "out", runtime=RUNTIME, precision="w8a8", jobs=2, progress=False)
     assert report.count("built") == 2
     m = _npu_checked(mpath, threshold=0.99)
     assert all(s["precision"] == "w8a8" for _, s in m.segments() if s["backend"] == "npu")
@@ -215,16 +219,17 @@ def test_build_split_model_end_to_end(tmp_path, tmp_path_factory, monkeypatch, c
 @pytest.mark.slow  # w8a8 of a split model runs in the default suite in the per-segment fallback test below
 def test_w8a8_split_model_with_calib_text(tmp_path, tmp_path_factory):
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
 
     mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
     calib = tmp_path / "calib.txt"
     calib.write_text("Once upon a time, a small model learned to count: 1 2 3.\n")
-    report = build_manifest(tmp_path / "out", precision="w8a8", calib=str(calib), progress=False)
+    report = build_manifest(tmp_path / "out", runtime=RUNTIME, precision="w8a8", calib=str(calib), progress=False)
     assert report.count("built") >= 1
     _npu_checked(mpath, threshold=0.99)
     ids = tmp_path / "ids.txt"
     ids.write_text("1 2 3 40 50 60")
-    again = build_manifest(tmp_path / "out", precision="w8a8", calib=str(ids), progress=False)
+    again = build_manifest(tmp_path / "out", runtime=RUNTIME, precision="w8a8", calib=str(ids), progress=False)
     assert again.compiles == report.count("built")  # a new calibration set is a new build key
 
 
@@ -258,11 +263,12 @@ def test_fp16_build_records_rel_l2_and_the_whole_model_check(tmp_path, tmp_path_
 
 def test_w8a8_build_runs_in_the_simulator_and_falls_back_to_fp16_per_segment(tmp_path, tmp_path_factory):
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
     from rwkv2rknn.run.chain import Chain, runner_factory
 
     mpath = _split_tiny(tmp_path_factory, tmp_path / "out")
     reference = _logits(mpath)
-    report = build_manifest(tmp_path / "out", precision="w8a8", progress=False, verify_model=False)
+    report = build_manifest(tmp_path / "out", runtime=RUNTIME, precision="w8a8", progress=False, verify_model=False)
     m = Manifest.load(mpath)
     npu = [s for _, s in m.segments() if s["backend"] == "npu"]
     assert report.count("built") == len(npu)
@@ -277,7 +283,7 @@ def test_w8a8_build_runs_in_the_simulator_and_falls_back_to_fp16_per_segment(tmp
         assert float(g @ r / np.linalg.norm(g) / np.linalg.norm(r)) >= 0.99
 
     # A limit no w8a8 segment meets: every segment is built fp16, with the reason recorded.
-    build_manifest(tmp_path / "out", precision="w8a8", progress=False, verify_model=False, max_rel_l2=1e-9)
+    build_manifest(tmp_path / "out", runtime=RUNTIME, precision="w8a8", progress=False, verify_model=False, max_rel_l2=1e-9)
     m = Manifest.load(mpath)
     for _, s in m.segments():
         if s["backend"] == "npu":
@@ -291,18 +297,19 @@ def test_text_ids_without_a_tokenizer_fall_back_to_fixed_ids(model_factory, tmp_
     from rwkv2rknn.build.inputs import MIN_CHECK_TOKENS, calib_tokens
     from rwkv2rknn.errors import UserError
     from rwkv2rknn.split import split_model
+    from rwkv2rknn.verify import RUNTIME
 
     data, _ = split_model([model_factory(layers=1, embd=64, vocab=50277)], tmp_path / "out", prefill_chunk=0,
                           progress=False)
     assert data["model"]["tokenizer"] == "neox"
     m = Manifest.load(tmp_path / "out" / "manifest.json")
-    ids = calib_tokens(m, None, MIN_CHECK_TOKENS)
+    ids = calib_tokens(m, None, MIN_CHECK_TOKENS, RUNTIME)
     assert len(ids) >= MIN_CHECK_TOKENS and all(0 <= i < 50277 for i in ids)
     assert "fixed spread of token ids" in capsys.readouterr().err
     text = tmp_path / "calib.txt"
     text.write_text("some words")
     with pytest.raises(UserError, match="tokenizer"):
-        calib_tokens(m, str(text), MIN_CHECK_TOKENS)
+        calib_tokens(m, str(text), MIN_CHECK_TOKENS, RUNTIME)
 
 
 def test_w8a8_keep_fp16_patterns_pick_segments_by_id():

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from rwkv2rknn.cost import CATEGORIES, CONSTANTS, estimate, load_profile, price_segment, segment_features
 from rwkv2rknn.cost.calibrate import PROBE_SHAPES, calibrate, probe_models
 from rwkv2rknn.cost.estimate import with_features
-from rwkv2rknn.cost.plan import features_plan, repeat_layers
+from rwkv2rknn.cost.plan import repeat_layers
+from rwkv2rknn.preview import features_plan
 from rwkv2rknn.cost.profile import shipped_profiles
 from rwkv2rknn.errors import UserError
 
@@ -286,6 +287,9 @@ value = 0.0
 source = "test"
 [npu_int8_compute_speedup]
 value = 1.0
+source = "test"
+[npu_context_bytes]
+value = 0
 source = "test"
 """
 
@@ -665,12 +669,15 @@ def test_backtest_rwkv_cpp_all_cpu_430m(plan430_matmul, model_factory):
     plan = repeat_layers(features_plan([m2], policy="cpu"), 24)
     c = estimate(plan, load_profile("rk3588"))
     assert c.npu_calls_per_token == 0 and c.cpu_calls_per_token == 26
-    assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-4)
+    # within 1%: the matmul plan's graph went through the NPU-side rewrites (passes/combine.py stacks the mixes:
+    # exact, a few Concat/Split more for a CPU), the cpu policy's did not
+    assert c.decode_ms_per_token == pytest.approx(e.decode_ms_per_token, rel=1e-2)
 
 
 def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
     from rwkv2rknn import policies
-    from rwkv2rknn.split import split_model
+    from rwkv2rknn.options import SplitOptions
+    from rwkv2rknn.split import split_plan
 
     m2 = model_factory(layers=3, embd=512, vocab=4096)
     board = load_profile("rk3588")
@@ -680,10 +687,10 @@ def test_auto_is_never_predicted_worse_than_any_single_policy(model_factory):
         other = estimate(features_plan([m2], policy=p.name), board).decode_ms_per_token
         assert got <= other + 1e-9, (p.name, got, other)
     top = auto["auto"]
-    assert set(top["candidates"]) == {"auto", "deep"} and top["predicted_ms"] == min(top["candidates"].values())
+    assert set(top["candidates"]) == {"auto", "deep", "cpu"} and top["predicted_ms"] == min(top["candidates"].values())
     assert top["reason"].startswith("lowest predicted decode time")
-    per_graph = auto if top["chosen"] == "auto" else split_model([m2], policy="auto", preview=True,
-                                                                 progress=False, _record={})[0]
+    per_graph = auto if top["chosen"] == "auto" else split_plan([m2], "unused", policies.get("auto"),
+                                                                SplitOptions(preview=True, progress=False))[0]
     for g in per_graph["graphs"]:
         rec = g["auto"]
         assert rec["chosen"] == g["policy"] and rec["runner_up"]["policy"] != rec["chosen"]

@@ -38,6 +38,29 @@ def test_group_sizes_follow_the_budget():
     assert [len(g) for g in groups] == [1, 1, 1] and not head
 
 
+def test_groups_are_bounded_by_predicted_compile_time(tmp_path):
+    """A deep group holds no more source ops than compile in COMPILE_BUDGET_S (predicted by the fitted compile-time
+    model): 12 RWKV-7 layers of 64 (a size under the byte budget, all in one group before) become 2 groups of 6,
+    each predicted under the budget; the 430M RWKV-4 shape keeps its 3 groups of 8."""
+    from rwkv2rknn import families
+    from rwkv2rknn.deep import COMPILE_BUDGET_S, MAX_GROUP_OPS, _ops, predicted_compile_seconds, units
+    from rwkv2rknn.model import load_model_dir
+
+    fam = families.get("rwkv7")
+    fam.export(fam.random_weights(12, 64, 256, seed=0), tmp_path / "m", dtype="float16", progress=False)
+    model = load_model_dir(tmp_path / "m")
+    groups = [u for u in units(model, grouped=True) if u.merged]
+    sizes = [sum(s.name.startswith("mixing_") for s in u.sources) for u in groups]
+    assert sizes == [6, 6], sizes
+    for u in groups:
+        ops = sum(_ops(s) for s in u.sources if s.name.startswith("mixing_"))
+        assert ops <= MAX_GROUP_OPS and predicted_compile_seconds(ops) <= COMPILE_BUDGET_S, (u.name, ops)
+    # all 12 in one group, as before the bound: predicted well past the budget (measured: past the 600 s timeout)
+    assert predicted_compile_seconds(12 * _ops(model.graphs[2])) > 3 * COMPILE_BUDGET_S
+    mb = 1024 * 1024
+    assert group_layers([52 * mb] * 24, 206 * mb, layer_ops=[88] * 24)[0] == [list(range(i, i + 8)) for i in (0, 8, 16)]
+
+
 @pytest.mark.parametrize("state_update, segments", [("cpu", ["npu", "cpu"]), ("npu", ["npu"])])
 def test_deep_split_reproduces_the_model(model_factory, tmp_path, state_update, segments):
     src = model_factory(layers=4, embd=128, dtype="float32")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkv2rknn.checkpoints import random_weights, save_bin, save_pth
+from rwkv2rknn.families.rwkv4 import random_weights, save_bin, save_pth
 from rwkv_ref import cosine
 
 pytestmark = pytest.mark.rknn

@@ -361,11 +361,14 @@ def test_out_dir_replacement(res, tmp_path):
     old = {p.name for p in (out / "segments").iterdir()}
     r = cli(["split", str(res["model"]), "-o", "out", "-q"], tmp_path)
     assert r.returncode == 0, r.stderr
-    new = {p.name for p in (out / "segments").iterdir()}
+    new = {p.name for p in (out / "segments").iterdir() if p.is_file()}
     assert len(old) > len(new)  # matmul cuts more segments than fused; the manifest check below shows only new files remain
     m = Manifest.load(out / "manifest.json")
     assert m.data["policy"] == "fused"
     assert {Path(s["onnx"]).name for _, s in m.segments()} == new
+    # the shared weights directory holds exactly the files the new segments refer to (no stale weights)
+    held = {p.name for p in (out / "segments" / "weights").iterdir()}
+    assert held == {Path(t["file"]).name for _, s in m.segments() for t in s.get("external_weights", [])}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or .old directories left
     # a directory of somebody else's files: refused above; replaced with --force
     foreign = tmp_path / "foreign"

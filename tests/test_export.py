@@ -16,10 +16,10 @@ from conftest import make_model
 from onnx import TensorProto, numpy_helper
 from rwkv_ref import RefModel, cosine, run_chain
 
-from rwkv2rknn.checkpoints import load_bin, load_pth, random_weights, save_bin, save_pth
+from rwkv2rknn.families.rwkv4 import load_bin, load_pth, random_weights, save_bin, save_pth
 from rwkv2rknn.cli import main as cli_main
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.export import export_model
+from rwkv2rknn.families.rwkv4 import export_model
 
 MIXING_OPS = {"MatMul": 7, "ReduceMean": 4, "Sub": 6, "Pow": 2, "Sqrt": 2, "Div": 3, "Add": 17, "Mul": 21,
               "Gather": 5, "Sigmoid": 2, "Relu": 1, "Exp": 4, "Max": 2, "Cast": 6, "Reshape": 5,

@@ -149,5 +149,5 @@ def test_split_output_modes(tiny_fp16, tmp_path):
         os.umask(old)
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o755
-    for f in [out / "manifest.json", *(out / "segments").iterdir()]:
-        assert f.stat().st_mode & 0o777 == 0o644, f
+    for f in [out / "manifest.json", *(out / "segments").rglob("*")]:
+        assert f.stat().st_mode & 0o777 == (0o755 if f.is_dir() else 0o644), f

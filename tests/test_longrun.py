@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from rwkv_ref import RefModel, cosine
 
-from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.families.rwkv4 import random_weights
 from rwkv2rknn.run.chain import Chain
 from rwkv2rknn.split import split_model
 

@@ -16,7 +16,7 @@ from published_pipeline import DOC_MIXING_OPS, WEIGHTS_AS, make_published_model,
 from rwkv_ref import RefModel, cosine, run_chain
 from test_split import _assert_chain_matches_sources
 
-from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.families.rwkv4 import random_weights
 from rwkv2rknn.cli import main as cli_main
 from rwkv2rknn.manifest import Manifest
 from rwkv2rknn.run.chain import Chain
@@ -127,11 +127,12 @@ def test_published_graphs_build_and_run_in_the_simulator(published, tmp_path):
     """The torch-named boundary tensors (/Add_13_output_0, ...) go through rknn-toolkit2 unchanged."""
     pytest.importorskip("rknn.api")
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
     from rwkv2rknn.run.chain import runner_factory
 
     out = tmp_path / "out"
     split_model([published(128, "tensors")], out, policy="fused", prefill_chunk=0, progress=False)
-    build_manifest(out, jobs=2, progress=False)
+    build_manifest(out, runtime=RUNTIME, jobs=2, progress=False)
     manifest = Manifest.load(out / "manifest.json")
     npu = [s for _, s in manifest.segments() if s["backend"] == "npu"]
     assert len(npu) >= LAYERS and all("rknn" in s and not s.get("fallback_reason") for s in npu)
@@ -151,7 +152,7 @@ def test_trained_model_from_published_pipeline_builds_clean(tmp_path):
     pytest.importorskip("rknn.api")
     from conftest import TRAINED_PTH, run_cli
 
-    from rwkv2rknn.checkpoints import load_checkpoint
+    from rwkv2rknn.families.rwkv4 import load_checkpoint
 
     model = make_published_model(load_checkpoint(TRAINED_PTH), tmp_path / "model", weights_as="tensors")
     out = tmp_path / "out"

@@ -34,10 +34,11 @@ def built_out(tmp_path_factory, split_out) -> Path:
     """The same split, built for rk3588 (compiled and verified in the rknn-toolkit2 simulator)."""
     pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
     from rwkv2rknn.build import build_manifest
+    from rwkv2rknn.verify import RUNTIME
 
     out = tmp_path_factory.mktemp("report_built") / "out"
     shutil.copytree(split_out, out)
-    build_manifest(out, target="rk3588", progress=False)
+    build_manifest(out, runtime=RUNTIME, target="rk3588", progress=False)
     return out
 
 

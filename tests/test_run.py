@@ -15,9 +15,9 @@ import pytest
 from run_support import whole_graph_manifest
 from rwkv_ref import RefModel, cosine
 
-from rwkv2rknn.checkpoints import random_weights
+from rwkv2rknn.families.rwkv4 import random_weights
 from rwkv2rknn.run.__main__ import main as run_main
-from rwkv2rknn.build.trace import trace_segment_inputs
+from rwkv2rknn.verify.trace import trace_segment_inputs
 from rwkv2rknn.run.chain import Chain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ def test_prompt_streams_text(split, capsys):
 def test_rwkv_pip_package_agrees(tiny_fp32, split, tmp_path):
     """The `rwkv` PyPI package (torch, cpu fp32) on the same weights as a .pth, 16 tokens."""
     pytest.importorskip("rwkv")
-    from rwkv2rknn.checkpoints import save_pth
+    from rwkv2rknn.families.rwkv4 import save_pth
 
     save_pth(random_weights(2, 64, 256, seed=0), tmp_path / "m.pth")
     tokens = [int(t) for t in np.random.default_rng(5).integers(0, 256, 16)]

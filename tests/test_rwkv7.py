@@ -197,7 +197,7 @@ def test_loader_refuses_misshapen_tensor(weights, victim, shape):
 
 def test_loader_refuses_other_families(tmp_path):
     pytest.importorskip("torch")
-    from rwkv2rknn.checkpoints import random_weights, save_pth
+    from rwkv2rknn.families.rwkv4 import random_weights, save_pth
 
     save_pth(random_weights(1, 32, 16, seed=0), tmp_path / "v4.pth")
     with pytest.raises(UserError, match="not an RWKV-7 checkpoint"):

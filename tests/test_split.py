@@ -15,7 +15,7 @@ import pytest
 
 from rwkv2rknn.cli import main as cli_main
 from rwkv2rknn.manifest import Manifest
-from rwkv2rknn.build.trace import random_feed
+from rwkv2rknn.feeds import random_feed
 from rwkv2rknn.run.chain import Chain
 from rwkv2rknn.split import split_model
 

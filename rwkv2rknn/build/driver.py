@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from passes.placement import TARGETS
@@ -20,6 +20,7 @@ from rwkv2rknn.build.inputs import (
     MIN_CHECK_TOKENS,
     calib_tokens,
     random_samples,
+    Runtime,
     say,
     trace,
 )
@@ -29,9 +30,9 @@ from rwkv2rknn.errors import UserError
 from rwkv2rknn.fsio import sha256_file
 from rwkv2rknn.manifest import DEFAULT_OUT, MANIFEST_NAME, Manifest
 from rwkv2rknn.numerics import WARN_LOGITS_COSINE, WARN_REL_L2
+from rwkv2rknn.options import BuildOptions
 
 RKNN_TARGETS = TARGETS  # rknn-toolkit2 2.5.0's target_platform values: one list for split and build
-DEFAULT_TIMEOUT = 600.0
 # Segments are verified on the activations of this many tokens of real text (whole models; the
 # calibration text) or on this many random input sets (single graphs).
 VERIFY_TOKENS = 8
@@ -186,13 +187,14 @@ def _check_inputs(path: Path, m: Manifest) -> None:
                             "copy it again, or run `rwkv2rknn split` again")
 
 
-def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", precision: str = "fp16",
-                   calib: str | None = None, jobs: int | None = None, verify: bool = True,
-                   timeout: float = DEFAULT_TIMEOUT, progress: bool = True,
-                   verify_model: bool = True, max_rel_l2: float | None = None, probes: bool = True,
-                   keep_fp16: tuple[str, ...] = ()) -> BuildReport:
+def build_manifest(out_dir: str | Path = DEFAULT_OUT, options: BuildOptions | None = None, *,
+                   runtime: Runtime | None, **overrides) -> BuildReport:
     """Compile every NPU segment of OUT/manifest.json into OUT/rknn/<id>.rknn and record it in the manifest.
 
+    `options` (rwkv2rknn/options.py; default BuildOptions()); keyword `overrides` replace its fields.
+    `runtime`: what the build needs of the runtime (rwkv2rknn.verify.RUNTIME: segment-input traces, the whole-model
+    check, tokenizers), given by the caller since build/ never imports the runtime; None: segments are verified on
+    random inputs, text needs token ids, and there is no whole-model check.
     Each built segment is verified in the simulator on real activations; a whole model is then run
     on a text through the simulator chain and onnxruntime fp32 (`build.verify_model`). With w8a8, a
     segment whose simulator rel_l2 exceeds `max_rel_l2` (default: the w8a8 warning bound) is built fp16, and
@@ -201,6 +203,8 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
     the board (rknn/probe.*.rknn, listed in build.probes).
     """
     t0 = time.perf_counter()
+    opts = replace(options or BuildOptions(), **overrides)
+    target, precision, calib, verify, timeout = opts.target, opts.precision, opts.calib, opts.verify, opts.timeout
     if target not in RKNN_TARGETS:
         raise UserError(f"--target {target!r}: unknown; choose one of {', '.join(RKNN_TARGETS)}")
     if precision not in PRECISIONS:
@@ -225,16 +229,18 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         for stale in rknn_dir.glob(".work-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-        text_ids = calib_tokens(m, calib, MIN_CHECK_TOKENS) if (precision == "w8a8" or verify or calib) else None
+        text_ids = (calib_tokens(m, calib, MIN_CHECK_TOKENS, runtime) if (precision == "w8a8" or verify or calib)
+                    else None)
         calib_ids = text_ids if precision == "w8a8" else None
         calib_sha = hashlib.sha256(json.dumps(calib_ids).encode()).hexdigest() if calib_ids is not None else None
 
-        if max_rel_l2 is None:
-            max_rel_l2 = WARN_REL_L2.get(precision)
+        if opts.max_rel_l2 is None:
+            opts = replace(opts, max_rel_l2=WARN_REL_L2.get(precision))
         todo: list[tuple[dict, dict]] = []
         for g, seg in m.segments():
-            seg_precision, _ = segment_precision(seg["id"], precision, keep_fp16)
-            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, seg_precision, calib_sha, max_rel_l2)
+            seg_precision, _ = segment_precision(seg["id"], precision, opts.keep_fp16)
+            key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, seg_precision, calib_sha,
+                            opts.max_rel_l2)
             if seg["backend"] == "cpu":
                 if "fallback_reason" not in seg:
                     continue
@@ -254,7 +260,7 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         m.data["build"] = {"target": target, "precision": precision, "toolkit": toolkit,
                            **({"calib_sha256": calib_sha} if calib_sha else {})}
         probe_todo = []
-        if probes and m.model is not None:
+        if opts.probes and m.model is not None:
             m.data["build"]["probes"] = previous.get("probes") or _write_probes(m)
             for seg in m.data["build"]["probes"]:
                 key = build_key(sha256_file(m.resolve(seg["onnx"])), toolkit, target, "fp16", None)
@@ -266,36 +272,37 @@ def build_manifest(out_dir: str | Path = DEFAULT_OUT, target: str = "rk3588", pr
         saved()  # from here no entry names an .rknn this build will replace
 
         if todo:
-            tasks = _tasks(m, todo, verify, calib_ids, text_ids)
-            builder = Builder(saved, m, target, precision, toolkit, calib_sha, verify, timeout,
-                              jobs or os.cpu_count() or 1, progress, report.results, max_rel_l2, keep_fp16)
+            tasks = _tasks(m, todo, verify, calib_ids, text_ids, runtime)
+            builder = Builder(saved, m, opts, toolkit, calib_sha, report.results)
             try:
                 builder.run(tasks)
             finally:
                 report.compiles = builder.compiles
         if probe_todo:  # board calibration models: fp16, unverified, not part of the plan
             holder = {"segments": m.data["build"]["probes"], "placement": []}
-            builder = Builder(saved, m, target, "fp16", toolkit, None, False, timeout,
-                              jobs or os.cpu_count() or 1, progress, report.probe_results)
+            probe_opts = replace(opts, precision="fp16", verify=False, max_rel_l2=None, keep_fp16=())
+            builder = Builder(saved, m, probe_opts, toolkit, None, report.probe_results)
             try:
                 builder.run([Task(holder, seg, None, None) for seg in probe_todo])
             finally:
                 report.compiles += builder.compiles
         _predict_core_masks(m)
         report.warnings += _segment_warnings(report, precision)
-        if verify and verify_model and m.model is not None and text_ids is not None:
-            report.verify_model = _check_whole_model(m, saved, text_ids, previous_check, precision, timeout)
+        if verify and opts.verify_model and m.model is not None and text_ids is not None and runtime is not None:
+            report.verify_model = _check_whole_model(m, saved, text_ids, previous_check, precision, timeout,
+                                                     runtime.check_module)
             report.warnings += _model_warnings(report.verify_model, precision)
         saved()
     report.wall = time.perf_counter() - t0
     return report
 
 
-def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None, text_ids: list[int] | None) -> list[Task]:
+def _tasks(m: Manifest, todo: list, verify: bool, calib_ids: list[int] | None, text_ids: list[int] | None,
+           runtime: Runtime | None) -> list[Task]:
     # real text, not random ids: a trained model's activations on tokens it never saw are not what it runs on
     ids = text_ids[:VERIFY_TOKENS] if text_ids and m.model is not None else None
-    samples_by_id = trace(m, ids, VERIFY_TOKENS, 0) if verify else None
-    calib_by_id = trace(m, calib_ids, len(calib_ids), 1) if calib_ids is not None else None
+    samples_by_id = trace(runtime, m, ids, VERIFY_TOKENS, 0) if verify else None
+    calib_by_id = trace(runtime, m, calib_ids, len(calib_ids), 1) if calib_ids is not None else None
     if verify and samples_by_id is None:
         say("note: no onnxruntime trace of the chain (rwkv2rknn.run.chain); verifying on random inputs")
     tasks = []
@@ -351,7 +358,7 @@ def _check_key(m: Manifest, tokens: list[int]) -> str:
 
 
 def _check_whole_model(m: Manifest, save, tokens: list[int], previous: dict | None, precision: str,
-                       timeout: float) -> dict | None:
+                       timeout: float, check_module: str) -> dict | None:
     """build.verify_model: the text through the simulator chain and onnxruntime fp32 (in a child process)."""
     npu = [s for _, s in m.segments() if s["backend"] == "npu" and "rknn" in s]
     if not npu:
@@ -373,7 +380,7 @@ def _check_whole_model(m: Manifest, save, tokens: list[int], previous: dict | No
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         limit = max(timeout, 60.0 * len(npu))
         try:
-            proc = subprocess.run([sys.executable, "-m", "rwkv2rknn.build.model_check", str(work / "job.json")],
+            proc = subprocess.run([sys.executable, "-m", check_module, str(work / "job.json")],
                                   stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=limit, cwd=work)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {limit:g} s"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -37,26 +38,41 @@ def random_samples(entry: dict, n: int, seed: int) -> list[dict]:
     return out
 
 
-def trace(manifest: Manifest, ids: list[int] | None, n_tokens: int, seed: int) -> dict | None:
+class Runtime(Protocol):
+    """What a build needs of the runtime (rwkv2rknn/run), handed in by the build's caller: build/ never imports the
+    runtime (rwkv2rknn.verify.RUNTIME is the one backed by it)."""
+
+    check_module: str  # `python -m <check_module> JOB.json` runs the whole-model check in a child process
+
+    def tokenizer(self, hint: str, root: Path, vocab: int):
+        """The tokenizer a manifest names (an object with .encode(text) -> ids); UserError when there is none."""
+        ...
+
+    def segment_inputs(self, manifest: Manifest, ids: list[int] | None, n_tokens: int, seed: int) -> dict:
+        """{segment id: [input feed per call]} from a run of the chain on onnxruntime: a whole model fed `ids`
+        (or `n_tokens` random tokens); single graphs `n_tokens` random realistic input sets."""
+        ...
+
+
+def trace(runtime: Runtime | None, manifest: Manifest, ids: list[int] | None, n_tokens: int,
+          seed: int) -> dict | None:
     """Real activations of every segment from an onnxruntime run of the chain; None if unavailable.
 
     With `ids`, whole models are fed those tokens; otherwise `n_tokens` random ones.
     """
-    try:
-        from rwkv2rknn.build.trace import record_inputs, trace_segment_inputs
-    except ImportError:
+    if runtime is None:
         return None
     try:
-        if ids is not None and manifest.model is not None:
-            return record_inputs(manifest, ids)
-        return trace_segment_inputs(manifest, n_tokens=n_tokens, seed=seed)
+        return runtime.segment_inputs(manifest, ids, n_tokens, seed)
+    except ImportError:  # the runtime is not installed here
+        return None
     except Exception as exc:  # noqa: BLE001 (verification still runs, on random inputs; say so)
         say(f"warning: tracing the chain on onnxruntime failed ({type(exc).__name__}: {exc}); using random inputs")
         return None
 
 
-def calib_tokens(manifest: Manifest, calib: str | None, minimum: int = 1) -> list[int]:
-    """Token ids from a file of integers, a text file, or the built-in text (manifest's tokenizer).
+def calib_tokens(manifest: Manifest, calib: str | None, minimum: int = 1, runtime: Runtime | None = None) -> list[int]:
+    """Token ids from a file of integers, a text file, or the built-in text (manifest's tokenizer, from `runtime`).
 
     At least `minimum` ids (the text is repeated when it is shorter), at most MAX_CALIB_TOKENS.
     """
@@ -81,10 +97,10 @@ def calib_tokens(manifest: Manifest, calib: str | None, minimum: int = 1) -> lis
         hint = "bytes"
     ids = None
     if hint is not None:
-        from rwkv2rknn.run.tokenizers import load_tokenizer
-
         try:
-            ids = load_tokenizer(hint, manifest.root, vocab).encode(text)
+            if runtime is None:
+                raise UserError(f"no tokenizer {hint!r}: the build was given no runtime to read text with")
+            ids = runtime.tokenizer(hint, manifest.root, vocab).encode(text)
         except UserError as exc:
             if calib is not None:  # the user's own text: say what is missing
                 raise UserError(f"{exc} (calibration text); or pass --calib FILE of token ids") from None

@@ -24,6 +24,7 @@ from rwkv2rknn.compile_worker import BUILD_MARKER, save_samples, write_dataset
 from rwkv2rknn.fsio import sha256_file
 from rwkv2rknn.manifest import Manifest
 from rwkv2rknn.numerics import WARN_REL_L2
+from rwkv2rknn.options import BuildOptions
 
 _MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 # Entry keys a build writes (into build.json, rwkv2rknn/artifacts.py); a rebuild clears them first so no entry
@@ -36,7 +37,7 @@ def build_key(onnx_sha: str, toolkit: str, target: str, precision: str, calib_sh
     """The cache key of one compile: what went in (ONNX, toolkit, target, precision, calibration, fp16 bound)."""
     parts = [onnx_sha, toolkit, target, precision]
     if precision == "w8a8":
-        parts += [calib_sha or "", repr(max_rel_l2)]
+        parts += [calib_sha or "", repr(max_rel_l2), "hybrid-first"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -98,16 +99,18 @@ def bisect_segment(onnx_path: Path):
 class Builder:
     """Runs compile tasks on a thread pool, each in its own child process, and records their results."""
 
-    def __init__(self, save, manifest: Manifest, target: str, precision: str, toolkit: str, calib_sha: str | None,
-                 verify: bool, timeout: float, jobs: int, progress: bool, results: list,
-                 max_rel_l2: float | None = None, keep_fp16: tuple[str, ...] = ()):
+    def __init__(self, save, manifest: Manifest, options: BuildOptions, toolkit: str, calib_sha: str | None,
+                 results: list):
+        """save(): saves the manifest; options: what to build and how (jobs None: the CPU count; max_rel_l2 None:
+        the precision's warning bound); results: where each segment's SegmentResult goes."""
         self.save = save
-        self.keep_fp16 = tuple(keep_fp16)
+        self.keep_fp16 = tuple(options.keep_fp16)
         self.m = manifest
-        self.target, self.precision, self.toolkit = target, precision, toolkit
-        self.calib_sha, self.verify, self.timeout, self.jobs = calib_sha, verify, timeout, jobs
-        self.progress, self.results = progress, results
-        self.max_rel_l2 = WARN_REL_L2.get(precision) if max_rel_l2 is None else max_rel_l2
+        self.target, self.precision, self.toolkit = options.target, options.precision, toolkit
+        self.calib_sha, self.verify, self.timeout = calib_sha, options.verify, options.timeout
+        self.jobs = options.jobs or os.cpu_count() or 1
+        self.progress, self.results = options.progress, results
+        self.max_rel_l2 = WARN_REL_L2.get(self.precision) if options.max_rel_l2 is None else options.max_rel_l2
         self.compiles = 0  # child compiler processes started
         self.rknn_dir = (manifest.root / "rknn").resolve()
         self.log_dir = self.rknn_dir / ".logs"

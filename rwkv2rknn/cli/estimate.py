@@ -65,6 +65,7 @@ def _loader(manifest):
 
 def run(args) -> int:
     from rwkv2rknn.cost.estimate import estimate, with_features
+    from rwkv2rknn.cost.memory import board_memory
     from rwkv2rknn.cost.profile import load_profile
     from rwkv2rknn.errors import UserError
     from rwkv2rknn.manifest import Manifest
@@ -86,9 +87,13 @@ def run(args) -> int:
     result["conversion"] = conversion_summary(program, profile)
     result["runtimes"] = runtimes(data, program, args.tokens_per_call, profile, args.precision)
     result["precision"] = args.precision or (data.get("build") or {}).get("precision", "fp16")
+    mem = board_memory(data, program, result["precision"], profile.npu_context_bytes)
+    result["board_memory_bytes"] = mem.board_memory_bytes
+    result["memory"] = mem.to_dict()
     if not args.json:
         print_tables(est, cpu, result, profile, args.segments)
         print_runtimes(result["runtimes"])
+        print_memory(mem, profile)
     if args.draft:
         result["speculative"] = estimate_draft.run(args, data, program, profile, _loader(manifest))
     if args.json:
@@ -127,6 +132,22 @@ def conversion_summary(program, profile) -> dict | None:
             "cpu_convert_ns_per_byte": profile.cpu_convert_ns_per_byte,
             "npu_runtime_ns_per_byte": profile.conv_in_ns_per_byte,
             "ms_per_token": (cpu * profile.cpu_convert_ns_per_byte + npu * profile.conv_in_ns_per_byte) * 1e-6}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def print_memory(mem, profile) -> None:
+    """One line of the predicted board memory and what holds it."""
+    parts = [f"NPU weights {_gb(v)} ({k})" for k, v in mem.npu_weight_bytes.items() if v]
+    parts += [f"CPU weights {_gb(v)} ({k})" for k, v in mem.cpu_weight_bytes.items() if v]
+    parts += [f"buffers {_gb(mem.buffer_bytes)}", f"{mem.npu_contexts} NPU contexts {_gb(mem.npu_context_bytes)}"]
+    line = f"PREDICTED board memory: {_gb(mem.board_memory_bytes)} = " + " + ".join(parts)
+    if mem.shareable_bytes:
+        line += (f"; {_gb(mem.shareable_bytes)} of it are weights both plans hold (equal tensors in two .rknn "
+                 "files)")
+    make_console().print(line + f" (board profile {profile.name})", soft_wrap=True)
 
 
 def print_runtimes(rt: dict) -> None:

@@ -1,4 +1,5 @@
-"""`rwkv2rknn export`: an RWKV-4 checkpoint (or random weights) -> llama.onnx-style per-layer graphs."""
+"""`rwkv2rknn export`: a checkpoint of any supported RWKV version (or random weights) -> llama.onnx-style per-layer
+graphs. The versions, their layer interfaces and file types come from rwkv2rknn.families."""
 
 from __future__ import annotations
 
@@ -8,30 +9,43 @@ import time
 
 from rwkv2rknn.errors import UserError
 
-HELP = "export an RWKV-4 or RWKV-7 checkpoint (.pth; RWKV-4 also rwkv.cpp .bin) or random weights to ONNX graphs"
-DESCRIPTION = """\
-Write embed.onnx, mixing_0.onnx ... mixing_{L-1}.onnx and head.onnx in the llama.onnx layout (1-D
-activations, opset 16), ready for `rwkv2rknn split`. RWKV-4 layers: input, state_in [5, C] (ffn shift,
-att shift, aa, bb, pp) -> output, state_out. RWKV-7 layers: input, state_in [2, C] (ffn shift, att
-shift), wkv_in [H, 64, 64] (the matrix state) and, after layer 0, v_first -> output, state_out, wkv_out
-(layer 0 also v_first). The version is read from the checkpoint's tensor names.
+HELP = ("export an RWKV checkpoint (.pth of any supported version, rwkv.cpp .bin, or a Hugging Face fla-hub "
+        "directory) or random weights to ONNX graphs")
 
-Sources: a ChatRWKV/BlinkDL .pth state dict (needs torch), an rwkv.cpp .bin (RWKV-4, fp32 or fp16;
-quantized files are refused), or --random weights of a given shape (--family) for tests and benchmarks.
+
+def _description() -> str:
+    from rwkv2rknn import families
+
+    layers = "\n".join(f"  {f.label}: {', '.join(f.layer0_inputs)} -> {', '.join(f.layer0_outputs)} ({f.notes})"
+                        for f in families.all_families())
+    return f"""\
+Write embed.onnx, mixing_0.onnx ... mixing_{{L-1}}.onnx and head.onnx in the llama.onnx layout (1-D
+activations, opset 16), ready for `rwkv2rknn split`. The version is read from the checkpoint's tensor names.
+Layer graphs (mixing_0; later layers may take more inputs):
+{layers}
+
+Sources: a BlinkDL/ChatRWKV .pth state dict (needs torch); an rwkv.cpp .bin (fp32 or fp16; quantized files
+are refused); a Hugging Face directory in the fla-hub layout (config.json and *.safetensors, what
+RKLLM converts from); or --random weights of a given shape (--family) for tests and benchmarks. See
+docs/checkpoints.md.
 """
+
+
 EPILOG = """\
 examples:
-  rwkv2rknn export RWKV-4-Pile-430M-20220808-8066.pth -o rwkv430m/
-  rwkv2rknn export rwkv-430m-f16.bin -o rwkv430m/ --dtype float32
+  rwkv2rknn export model.pth -o model/                   # the version is read from the tensor names
+  rwkv2rknn export model-f16.bin -o model/ --dtype float32  # an rwkv.cpp file
+  rwkv2rknn export hf-world-0.4B/ -o model/                  # config.json + model.safetensors (fla-hub)
   rwkv2rknn export --random --layers 2 --embd 256 --vocab 512 -o tiny/
 """
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+    p = subparsers.add_parser("export", help=HELP, description=_description(), epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", metavar="SRC",
-                   help="checkpoint: .pth (ChatRWKV torch state dict) or .bin (rwkv.cpp fp32/fp16)")
+                   help="checkpoint: .pth (ChatRWKV torch state dict), .bin (rwkv.cpp fp32/fp16) or a Hugging Face "
+                   "fla-hub directory (config.json + *.safetensors)")
     p.add_argument("-o", "--out", required=True, metavar="DIR",
                    help="output directory (replaced as a whole; one holding other files needs --force)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -49,9 +63,15 @@ def register(subparsers) -> None:
     r.add_argument("--ffn", type=int, metavar="F", help="ffn hidden width (with --random; default 4*C)")
     r.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     r.add_argument("--family", default=None, choices=_family_names(),
-                   help="RWKV version of the random weights (default rwkv4; a checkpoint's version is read from "
-                   "its tensor names)")
+                   help=f"RWKV version of the random weights (default {_default_family()}; a checkpoint's version is "
+                   "read from its tensor names)")
     p.set_defaults(func=run)
+
+
+def _default_family() -> str:
+    from rwkv2rknn import families
+
+    return families.DEFAULT
 
 
 def _family_names() -> list[str]:
@@ -73,10 +93,10 @@ def _weights(args):
         bad = [f"--{k}" for k, v in shape_opts.items() if v is not None and v < 1]
         if bad:
             raise UserError(f"{', '.join(bad)} must be a positive integer")
-        family = families.get(args.family or "rwkv4")
+        family = families.get(args.family or families.DEFAULT)
         return family, family.random_weights(args.layers, args.embd, args.vocab, seed=args.seed, ffn=args.ffn)
     if not args.src:
-        raise UserError("no checkpoint given; name a .pth or .bin file, or use --random with "
+        raise UserError("no checkpoint given; name a .pth or .bin file or a Hugging Face directory, or use --random with "
                         "--layers/--embd/--vocab")
     given = [f"--{k}" for k, v in shape_opts.items() if v is not None]
     if given:

@@ -39,8 +39,8 @@ def register(sub) -> None:
                    "1,000 tokens on a stress model: docs/wkv-precision.md; no prefill plan by default)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="M",
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
-                   "default 16; 0: no prefill plan; at most 256). The NPU is 10-50x faster per token at M >= 16 "
-                   "than at M = 1")
+                   "default by width: 16, 64 from 1024 wide, 128 from 2048; 0: no prefill plan; at most 256). "
+                   "The NPU is 10-50x faster per token at M >= 16 than at M = 1")
     p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
                    help="add a verify plan for speculative decoding with a draft model (`run --draft`): K drafted "
                    "tokens checked in one call of K+1 rows, logits and state after every row (default 0: none; at most "
@@ -63,20 +63,27 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def options(args):
+    """The command line's SplitOptions (rwkv2rknn/options.py)."""
+    from rwkv2rknn.options import SplitOptions
+    from rwkv2rknn.split import parse_shapes
+
+    return SplitOptions(policy=args.policy, target=args.target, npu_all=args.npu_all, shapes=parse_shapes(args.shape),
+                        force=args.force, preview=args.preview, progress=not args.quiet, board=args.board,
+                        layers_per_call=args.layers_per_call, state_update=args.state_update,
+                        prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit,
+                        verify_tokens=args.verify_tokens)
+
+
 def run(args) -> int:
-    from rwkv2rknn.split import parse_shapes, split_model
+    from rwkv2rknn.split import split_model
 
     console = make_console()
-    if args.state_update == "npu" and args.policy == "deep":
-        print("rwkv2rknn split: note: --state-update npu keeps each layer's state fp16 between calls; it drifts on "
-              "long-memory channels (docs/wkv-precision.md); the default, cpu, keeps it exact", file=sys.stderr)
+    policy = policies.get(args.policy)
+    for note in policy.cli_notes(args.state_update):
+        print(f"rwkv2rknn split: note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
-    data, reports = split_model(args.model, args.out, policy=args.policy, target=args.target,
-                                npu_all=args.npu_all, shapes=parse_shapes(args.shape), force=args.force,
-                                preview=args.preview, progress=not args.quiet, board=args.board,
-                                layers_per_call=args.layers_per_call, state_update=args.state_update,
-                                prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit,
-                                verify_tokens=args.verify_tokens)
+    data, reports = split_model(args.model, args.out, options(args))
     if args.preview:
         for rep in reports:
             for note in rep.notes:
@@ -89,19 +96,19 @@ def run(args) -> int:
             console.print(table)
     board = data.get("board", args.board)
     predicted = data.get("predicted") or {}
-    print_summary(console, [r for r in reports if r.plan == "decode"], auto=args.policy == "auto",
+    print_summary(console, [r for r in reports if r.plan == "decode"], auto=policy.chooses,
                   title=f"split summary, decode plan (per token; predicted ms on board profile {board})",
                   overlap_ms=predicted.get("decode_overlap_ms", 0.0))
     prefill = [r for r in reports if r.plan == "prefill"]
     if prefill:
         chunk = (data.get("prefill") or {}).get("chunk")
-        print_summary(console, prefill, auto=args.policy == "auto",
+        print_summary(console, prefill, auto=policy.chooses,
                       title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token on board "
                             f"profile {board})", overlap_ms=predicted.get("prefill_overlap_ms", 0.0))
     verify = [r for r in reports if r.plan == "verify"]
     if verify:
         rows = (data.get("verify") or {}).get("rows")
-        print_summary(console, verify, auto=args.policy == "auto",
+        print_summary(console, verify, auto=policy.chooses,
                       title=f"verify plan ({rows} rows per call: the last token and {rows - 1} drafts; predicted ms "
                             f"per row on board profile {board})")
     print_prediction(console, data, args.board)

@@ -66,7 +66,8 @@ def calibrate(manifest, make_runner: Callable | None, probes: Mapping, out_path,
     if manifest is not None:
         if make_runner is None:
             raise UserError("calibrate: a manifest needs make_runner(graph, segment) to time its segments")
-        from rwkv2rknn.build.trace import as_manifest, random_feed
+        from rwkv2rknn.feeds import random_feed
+        from rwkv2rknn.manifest import as_manifest
 
         manifest = as_manifest(manifest)
         rng = np.random.default_rng(seed + 1)

@@ -1,29 +1,10 @@
-"""Features of a split without writing it (`split --preview` keeps them), and layer repetition for cheap backtests.
+"""Layer repetition for cheap backtests: the plan of an n-layer model from a plan of fewer identical layers.
 
-`features_plan(paths, policy)` is the manifest-shaped data `split` would write, minus the files: each segment
-with its `cost` features, so `estimate` can price a policy on a 430M-shape model without writing 1.7 GB.
+The plan itself comes from the split driver (rwkv2rknn/preview.py `features_plan`: a split's data without its
+files); cost/ never imports the driver (tests/test_layering.py).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-
-
-def features_plan(paths: list[str | Path], policy: str = "fused", target: str = "rk3588", npu_all: bool = False,
-                  shapes: dict | None = None, graphs: list[str] | None = None, board: str = "rk3588") -> dict:
-    """Manifest-shaped dict of the split `policy` would make, with `cost` features per segment, no files.
-
-    graphs: only these graphs of a model directory (e.g. ["embed", "mixing_0", "head"]); default all.
-    """
-    from rwkv2rknn.split import split_model
-
-    if graphs is not None:
-        if len(paths) != 1 or not Path(paths[0]).is_dir():
-            raise ValueError("graphs= selects graphs of one model directory")
-        paths = [Path(paths[0]) / f"{name}.onnx" for name in graphs]
-    data, _ = split_model(paths, policy=policy, target=target, npu_all=npu_all, shapes=shapes, preview=True,
-                          progress=False, board=board)
-    return data
 
 
 def _repeat(graphs: list[dict], n_layer: int, prefix: str, template: str | None) -> list[dict]:
@@ -105,4 +86,4 @@ def repeat_layers(plan: dict, n_layer: int, template: str | None = None) -> dict
     return out
 
 
-__all__ = ["features_plan", "repeat_layers"]
+__all__ = ["repeat_layers"]

@@ -52,6 +52,8 @@ CONSTANTS: dict[str, tuple[str, str, str]] = {
     "npu_core_masks": ("masks", "", "core masks the runtime may use: 1 = NPU_CORE_0, 7 = NPU_CORE_0_1_2"),
     "npu_parallel_us": ("number", "us", "starting and joining the pieces of an N-split segment, one per core"),
     "npu_op_us": ("number", "us", "one elementwise op inside an NPU model"),
+    "npu_context_bytes": ("number", "B", "memory the NPU runtime holds per loaded model beyond its weights, its "
+                                          "internal tensors and the program's buffers (command buffers)"),
     "npu_hop_us": ("number", "us", "one CPU-fallback op inside an NPU model (NPU -> CPU -> NPU)"),
     "conv_in_ns_per_byte": ("number", "ns/B", "the NPU runtime converting an fp32 input to the NPU's fp16/layout, "
                                               "per fp32 byte"),

@@ -13,7 +13,8 @@ ms/token = round / E[tokens]. k is picked per board profile as the k with the lo
 A verify plan built for K drafts is priced at other row counts by scaling what grows with rows (MatMul FLOPs,
 elementwise work, boundary bytes, conversions: the estimator's own rule for T tokens per call; weights stream once
 per pass either way) and the op count of CPU segments (the recurrence is unrolled once per row there; an NPU op
-takes all rows at once). tests/test_speculative_cost.py checks that against plans built for each k. Copies run at the CPU's streaming rate (read and write). Every figure is a PREDICTION.
+takes all rows at once). tests/test_speculative_cost.py checks that against plans built for each k. Copies run
+at the CPU's streaming rate (read and write). Every figure is a PREDICTION.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from rwkv2rknn.cost.estimate import LABEL, _price_plan, estimate
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.run.speculative import tokens_per_pass
+from rwkv2rknn.acceptance import tokens_per_pass
 
 ACCEPTANCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_K = 15  # the verify plan's rows: the NPU pads M to 16

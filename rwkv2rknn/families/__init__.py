@@ -1,71 +1,30 @@
-"""RWKV versions behind one interface: checkpoints, export, a model directory's layout, states and links.
+"""RWKV versions behind one interface: checkpoints, export, a numpy reference, a model directory's layout, states
+and links (the protocol: rwkv2rknn/families/base.py).
 
 The rest of rwkv2rknn asks the family of a model (found from a checkpoint's keys or from the inputs of
-`mixing_0.onnx`) and never tests for a version. One module per version: rwkv4.py, rwkv7.py.
+`mixing_0.onnx`) and never tests for a version. One package per version: rwkv4/, rwkv5/, rwkv6/, rwkv7/;
+shared pieces: graph.py (a graph builder, the embed and head graphs, the directory writer), pth.py (the .pth
+reader), parts.py (part-by-part weights, random draws).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwkv2rknn.errors import UserError
+from rwkv2rknn.families.base import METADATA_KEY, Family, Precision, StateSpec, StateTuning
 
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One recurrent state tensor of a layer graph: carried from its output to its input on the next token."""
-
-    input: str
-    output: str
-    rows_fp32: dict = field(default_factory=dict)  # initial values of rows while the state stays fp32 (else 0)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the rest of rwkv2rknn needs to know about one RWKV version."""
-
-    name: str            # "rwkv4"
-    label: str           # "RWKV-4"
-    # layer graph interface (llama.onnx style): input name -> rank, for layer 0 and for later layers
-    layer0_inputs: dict
-    layer0_outputs: dict
-    layer_inputs: dict
-    layer_outputs: dict
-    states: tuple        # StateSpec per layer graph
-    # graph-to-graph links beyond the residual stream (output -> input): (from layer, output, input) where
-    # from layer is an index (0: the first layer feeds every later one, e.g. RWKV-7's v_first)
-    extra_links: tuple = ()
-    precision_seeds: tuple = ("Exp", "Log", "Max")  # ops the fp32 precision rule keeps on the CPU
-    load_checkpoint: object = None   # (path) -> weights with embed()/layer(i)/head(), n_layer, n_embd, n_vocab
-    random_weights: object = None    # (layers, embd, vocab, seed=..., ffn=None) -> weights
-    export: object = None            # (weights, out_dir, dtype, weights_as, force, progress) -> list[Path]
-    detect_keys: object = None       # (keys) -> bool: a checkpoint of this version
-    notes: str = ""
-
-    def layout(self, index: int) -> tuple[dict, dict]:
-        return (self.layer0_inputs, self.layer0_outputs) if index == 0 else (self.layer_inputs, self.layer_outputs)
-
-    def matches(self, ins: dict, outs: dict) -> bool:
-        """Does mixing_0's interface ({name: (dtype, dims)}) look like this version's?"""
-        want_in, want_out = self.layout(0)
-        return set(ins) == set(want_in) and set(outs) == set(want_out)
-
-    def links(self, n_layer: int) -> list[tuple[str, str, str, str]]:
-        """Every (from graph, output, to graph, input) hand-off of a whole model, in execution order."""
-        names = [f"mixing_{i}" for i in range(n_layer)]
-        out = [("embed", "output", names[0], "input")] if names else []
-        out += [(a, "output", b, "input") for a, b in zip(names, names[1:])]
-        out.append((names[-1] if names else "embed", "output", "head", "x"))
-        for src, output, inp in self.extra_links:
-            out += [(names[src], output, names[i], inp) for i in range(src + 1, n_layer)]
-        return out
+DEFAULT = "rwkv4"  # the family of `export --random` without --family
 
 
 def _registry() -> list[Family]:
-    from rwkv2rknn.families import rwkv4, rwkv7
+    from rwkv2rknn.families import rwkv4, rwkv5, rwkv6, rwkv7
 
-    return [rwkv4.FAMILY, rwkv7.FAMILY]
+    return [rwkv4.FAMILY, rwkv5.FAMILY, rwkv6.FAMILY, rwkv7.FAMILY]
+
+
+def all_families() -> list[Family]:
+    return list(_registry())
 
 
 def names() -> list[str]:
@@ -79,8 +38,13 @@ def get(name: str) -> Family:
     raise UserError(f"--family {name!r}: choose one of {', '.join(names())}")
 
 
-def from_layout(path, ins: dict, outs: dict) -> Family:
-    """The family whose layer interface mixing_0.onnx has; a one-line error naming what it has otherwise."""
+def from_layout(path, ins: dict, outs: dict, declared: str | None = None) -> Family:
+    """The family of a layer graph: the one its metadata names (METADATA_KEY, written by every family's exporter)
+    when its interface fits, else the first whose layer interface mixing_0.onnx has (RWKV-5 and RWKV-6 share
+    one: a graph from another exporter is taken as the first); a one-line error naming what it has otherwise."""
+    for f in _registry():
+        if f.name == declared and f.matches(ins, outs):
+            return f
     for f in _registry():
         if f.matches(ins, outs):
             return f
@@ -90,18 +54,34 @@ def from_layout(path, ins: dict, outs: dict) -> Family:
                     f"({want}); export it with `rwkv2rknn export`, or split the files one by one")
 
 
+def from_keys(keys, source) -> Family:
+    """The family of a state dict, told by its tensor names; a one-line error when none claims it."""
+    keys = set(keys)
+    for f in _registry():
+        if f.detect(keys):
+            return f
+    raise UserError(f"{source}: no RWKV version this tool reads has these tensor names (supported: "
+                    f"{', '.join(f.label for f in _registry())}); the file is damaged or another model")
+
+
 def load_checkpoint(path) -> tuple[Family, object]:
-    """(family, weights) of a checkpoint: the version is told by its tensor names."""
-    from rwkv2rknn import checkpoints
+    """(family, weights) of a checkpoint: the version is told by its tensor names (a .pth, an rwkv.cpp .bin, an
+    fla-hub directory: rwkv2rknn/families/files.py)."""
+    from rwkv2rknn.families import files as checkpoint_files
+    from rwkv2rknn.families.pth import read_state_dict
+    from rwkv2rknn.families.rwkv4 import FAMILY as rwkv4, load_checkpoint as rwkv4_file
 
     path = Path(path)
+    other = checkpoint_files.open_other(path, _registry())  # rwkv.cpp .bin (RWKV-5/6/7), fla-hub directories
+    if other is not None:
+        return other
     if path.suffix == ".pth":
-        keys = checkpoints.pth_keys(path)
-        for f in _registry():
-            if f.detect_keys(keys):
-                return f, f.load_checkpoint(path)
-        if checkpoints.looks_rwkv56(keys):
-            raise UserError(f"{path}: this is an RWKV-5/6 checkpoint; supported are "
-                            f"{', '.join(f.label for f in _registry())}")
-    f = get("rwkv4")  # rwkv.cpp .bin files and anything else: the RWKV-4 reader says what is wrong
-    return f, f.load_checkpoint(path)
+        get, shapes = read_state_dict(path)
+        family = from_keys(shapes, path)
+        return family, family.from_state_dict(get, shapes, str(path))
+    # rwkv.cpp .bin files and anything else: the RWKV-4 reader reads them or says what is wrong
+    return rwkv4, rwkv4_file(path)
+
+
+__all__ = ["DEFAULT", "METADATA_KEY", "Family", "Precision", "StateSpec", "StateTuning", "all_families", "from_keys",
+           "from_layout", "get", "load_checkpoint", "names"]

@@ -127,7 +127,7 @@ class Program:
     version: int
     producer: str
     target: str
-    model: dict | None          # family, vocab_size, tokenizer, n_layer, n_embd (None: single graphs)
+    model: dict | None          # family, vocab_size, tokenizer, n_layer, n_embd, state_tuning (None: single graphs)
     segments: dict              # id -> Segment
     buffers: list               # Buffer, by id
     states: list                # State

@@ -352,7 +352,8 @@ def lower(plan: dict, record: dict | None = None, producer: str = "", source: di
         plans["decode"] = low.lower_plan("decode", [g["name"] for g in data["graphs"]], 1, [], None, None, [], [])
     model_info = None
     if model is not None:
-        model_info = {k: model.get(k) for k in ("family", "vocab_size", "tokenizer", "n_layer", "n_embd")}
+        model_info = {k: model.get(k) for k in ("family", "vocab_size", "tokenizer", "n_layer", "n_embd",
+                                                  "state_tuning")}
     probes = [segment_of(p) for p in (data.get("build") or {}).get("probes") or [] if p.get("rknn")]
     version = VERIFY_VERSION if "verify" in plans else 1  # a runtime without the verify plan runs the rest
     return Program(version, producer, data.get("target", "rk3588"), model_info, low.segments, low.buffers,

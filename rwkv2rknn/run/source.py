@@ -11,25 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from rwkv2rknn.artifacts import source_hashes
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.program import PROGRAM_NAME, Program, ProgramError, load
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 3  # the newest plan format this runtime lowers
-
-
-def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def source_hashes(root: Path) -> dict:
-    """sha256 of the plan and build record a program is lowered from (what makes a program stale)."""
-    from rwkv2rknn.artifacts import BUILD_NAME
-
-    return {"manifest_sha256": _sha256(root / MANIFEST_NAME), "build_sha256": _sha256(root / BUILD_NAME)}
 
 
 def lower_output(root: Path) -> Program:

@@ -1,7 +1,7 @@
 """Speculative decoding: a small draft model proposes k tokens, the target checks them in one verify pass.
 
-The target's verify plan (rwkv2rknn/verify.py) takes the last accepted token and k drafts as k + 1 rows and gives
-the logits and the state after every row. Acceptance is standard speculative sampling (Leviathan et al. 2023;
+The target's verify plan (rwkv2rknn/verify_plan.py) takes the last accepted token and k drafts as k + 1 rows and
+gives the logits and the state after every row. Acceptance is standard speculative sampling (Leviathan et al. 2023;
 Chen et al. 2023): draft i is kept with probability min(1, p_i(d) / q_i(d)) (p the target's distribution at that
 position, q the draft's); at the first rejection the next token is drawn from max(p_i - q_i, 0), normalized; when
 all k are kept a bonus token comes from the target's last row. The output then has the target's distribution
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from rwkv2rknn.acceptance import per_token_acceptance, tokens_per_pass
 from rwkv2rknn.errors import UserError
 
 
@@ -59,30 +60,6 @@ class SpecStats:
         d["time_share"] = {"draft": self.draft_s / total, "target": self.target_s / total,
                            "accept": self.accept_s / total} if total else None
         return d
-
-
-def tokens_per_pass(p: float, k: int) -> float:
-    """Expected tokens from one verify pass of k drafts when each is kept with probability p independently (the
-    usual model, Leviathan et al. 2023): 1 + p + ... + p^k = (1 - p^(k+1)) / (1 - p)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"acceptance rate {p}: must be within [0, 1]")
-    return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
-
-
-def per_token_acceptance(tokens: float | None, k: int) -> float | None:
-    """The p whose tokens_per_pass(p, k) is `tokens` (measured tokens per target pass): the acceptance rate to give
-    `rwkv2rknn estimate --acceptance` (kept drafts / drafted is lower: drafts after a rejection are never checked)."""
-    if tokens is None or k < 1:
-        return None
-    if tokens >= k + 1:
-        return 1.0
-    if tokens <= 1:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if tokens_per_pass(mid, k) < tokens else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def accept_probability(p: float, q: float) -> float:

@@ -2,11 +2,12 @@
 
 State tuning (RWKV-PEFT's `state` tuning, the files ChatRWKV's API_DEMO_CHAT.py and RWKV-Runner load) trains only
 the initial matrix state of every layer and writes one tensor per layer, `blocks.{i}.att.time_state` of shape
-[H, N, N] (heads, head size, head size), as a torch .pth (sometimes .safetensors). ChatRWKV loads it as the
-layer's state with `time_state.transpose(1, 2)`: the file holds each head as [key, value], the model's state is
-[value, key] (the layout of this project's `wkv_in`, and of the `rwkv` package's RWKV-7 state). The token-shift
-states start at zero. That is RWKV-5/6/7's format; RWKV-4 has no state tuning, so for RWKV-4 (and for any
-family) --state also takes a state this server saved (.npz).
+[H, N, N] (heads, head size, head size), as a torch .pth (sometimes .safetensors). Loaders transpose it into
+their state (`time_state.transpose(1, 2)`); which layer state it initialises and how its axes map onto this
+project's graphs is a fact of the model's family, recorded by the split in the manifest's
+`model.state_tuning` ({"input": "wkv_in", "axes": [...]}; rwkv2rknn.families.StateTuning). The token-shift
+states start at zero. A family without state tuning records null; for it (and for any family) --state also
+takes a state this server saved (.npz).
 
 .pth files are read here without torch (the runtime never imports it): the zip archive's pickle is unpickled
 with only the torch names a tensor needs mapped to numpy; anything else in the pickle is refused.
@@ -158,14 +159,17 @@ def state_tuning(tensors: dict[str, np.ndarray], path: Path, program, init: list
     """The initial state a state-tuning file gives this model (init: the program's reset state, in order)."""
     model = program.model or {}
     family = model.get("family")
+    tuning = model.get("state_tuning")
     keys = sorted(k for k in tensors if k.endswith(".att.time_state"))
-    if family != "rwkv7":
-        raise StateFileError(f"{path}: a state-tuning file (blocks.N.att.time_state) is for RWKV-5/6/7; this model "
-                             f"is {family}, which has no state tuning; --state takes a state this server saved "
-                             "(POST /v1/state/save, .npz)")
+    if not tuning:
+        why = "which has no state tuning" if "state_tuning" in model else \
+            "whose split predates state-tuning facts in the manifest (split it again)"
+        raise StateFileError(f"{path}: a state-tuning file (blocks.N.att.time_state); this model is {family}, {why}; "
+                             "--state takes a state this server saved (POST /v1/state/save, .npz)")
     if not keys:
         raise StateFileError(f"{path}: no blocks.N.att.time_state tensors: not a state-tuning file")
-    wkv = {i: k for k, st in enumerate(program.states) if (i := _layer_of(st.name, "wkv_in")) is not None}
+    axes = tuple(tuning["axes"])
+    wkv = {i: k for k, st in enumerate(program.states) if (i := _layer_of(st.name, tuning["input"])) is not None}
     n_layer = model.get("n_layer") or len(wkv)
     if len(wkv) != n_layer:
         raise StateFileError(f"{path}: this split's states are not one matrix state per layer; load the state into a "
@@ -187,7 +191,7 @@ def state_tuning(tensors: dict[str, np.ndarray], path: Path, program, init: list
         if got != want:
             raise StateFileError(f"{path}: blocks.{i}.att.time_state has shape {list(got)} but this model's layer "
                                  f"state is {list(want)} (heads, head size, head size): tuned for another model")
-        out[idx] = np.ascontiguousarray(layers[i].transpose(0, 2, 1)).astype(program.states[idx].dtype)
+        out[idx] = np.ascontiguousarray(layers[i].transpose(axes)).astype(program.states[idx].dtype)
     return out
 
 

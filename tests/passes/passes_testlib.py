@@ -122,6 +122,13 @@ def mixing_feeds(c, seed=1, dtype=np.float32):
     return {"input": rng.standard_normal(c).astype(dtype), "state_in": state.astype(dtype)}
 
 
+def groupings() -> dict:
+    """Policy name -> its passes.partition.Grouping, from the policy registry (rwkv2rknn/policies.py)."""
+    from rwkv2rknn import policies
+
+    return {p.name: p.grouping for p in policies.concrete()}
+
+
 def helper_graph(nodes, inputs, outputs, inits=(), opset=16):
     """A normalized gs graph from onnx.helper nodes; inputs/outputs: [(name, shape)], all float32; float
     initializers become float32, integer ones keep their dtype."""
@@ -137,7 +144,7 @@ def helper_graph(nodes, inputs, outputs, inits=(), opset=16):
                           opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.checker.check_model(m)
-    return normalize(gs.import_onnx(m))
+    return normalize(gs.import_onnx(m)).graph
 
 
 def export_checked(g) -> onnx.ModelProto:

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from passes_testlib import rel_err, session
 
-from passes.batch import batch_tokens, batch_tokens_with_plan, plan_batch
+from passes.batch import batch_tokens, plan_batch
 from passes.graphutil import static_shape
 from passes.pipeline import normalize
 
-export = pytest.importorskip("rwkv2rknn.export")
-checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
+export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
 
 RWKV4_STATE = [("state_in", "state_out")]
 TOL = 1e-5
@@ -25,7 +25,7 @@ TOL = 1e-5
 def rwkv4_layer(c: int, dtype: str) -> gs.Graph:
     """A normalized RWKV-4 mixing graph of the project's exporter (random weights, layer 0)."""
     model = export.build_mixing(checkpoints.random_weights(1, c, 256).layer(0), 0, dtype=dtype)
-    return normalize(gs.import_onnx(model))
+    return normalize(gs.import_onnx(model)).graph
 
 
 @functools.cache
@@ -35,7 +35,7 @@ def single_session(c: int, dtype: str):
 
 @functools.cache
 def batched_session(c: int, dtype: str, m: int):
-    model = gs.export_onnx(batch_tokens(rwkv4_layer(c, dtype), m, RWKV4_STATE))
+    model = gs.export_onnx(batch_tokens(rwkv4_layer(c, dtype), m, RWKV4_STATE).graph)
     onnx.checker.check_model(model, full_check=True)
     return session(model)
 
@@ -122,7 +122,8 @@ def test_rwkv4_batched_property(m, seed, scale, pp, initial):
 def test_rwkv4_batched_graph_is_static_checked_and_npu_shaped(m):
     g = rwkv4_layer(64, "float16")
     before = gs.export_onnx(g).SerializeToString()
-    bg, plan = batch_tokens_with_plan(g, m, RWKV4_STATE)
+    result = batch_tokens(g, m, RWKV4_STATE)
+    bg, plan = result.graph, result.notes[0]
     assert gs.export_onnx(g).SerializeToString() == before  # the source graph is untouched
     model = gs.export_onnx(bg)
     onnx.checker.check_model(model, full_check=True)
@@ -148,8 +149,8 @@ def test_rwkv4_initializer_weights_and_layer_index():
     """Weights as initializers and a later layer give the same structure."""
     w = checkpoints.random_weights(3, 64, 256, seed=5)
     model = export.build_mixing(w.layer(2), 2, dtype="float32", weights_as="initializers")
-    g = normalize(gs.import_onnx(model))
-    bg = batch_tokens(g, 4, RWKV4_STATE)
+    g = normalize(gs.import_onnx(model)).graph
+    bg = batch_tokens(g, 4, RWKV4_STATE).graph
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 64)).astype(np.float32)
     s = synthetic_state(64, 3)
@@ -162,10 +163,10 @@ def test_rwkv4_batched_graph_stays_small_on_a_1024_wide_layer():
     """The 430M model batches 24 such layers at split time: the graph grows by a few nodes per token only,
     and the seven projections stay seven [M, in] @ W MatMuls (speed is measured in benchmarks/, not here)."""
     g = rwkv4_layer(1024, "float16")
-    sizes = {m: len(batch_tokens(g, m, RWKV4_STATE).nodes) for m in (4, 16)}
+    sizes = {m: len(batch_tokens(g, m, RWKV4_STATE).graph.nodes) for m in (4, 16)}
     per_token = (sizes[16] - sizes[4]) / 12
     assert per_token <= 12, sizes
-    bg = batch_tokens(g, 16, RWKV4_STATE)
+    bg = batch_tokens(g, 16, RWKV4_STATE).graph
     mm = [n for n in bg.nodes if n.op == "MatMul"]
     assert len(mm) == 7 and all(n.outputs[0].shape[0] == 16 for n in mm)
 
@@ -193,8 +194,8 @@ def _i(name, arr):
 
 
 def _check_against_loop(model, m, state_pairs, token_inputs=None, seed=0):
-    g = normalize(gs.import_onnx(model))
-    bg = batch_tokens(g, m, state_pairs, token_inputs)
+    g = normalize(gs.import_onnx(model)).graph
+    bg = batch_tokens(g, m, state_pairs, token_inputs).graph
     bm = gs.export_onnx(bg)
     onnx.checker.check_model(bm, full_check=True)
     rng = np.random.default_rng(seed)
@@ -250,7 +251,7 @@ def test_row_swap_and_shift_rows(m):
              helper.make_node("Concat", ["w0", "w1", "w2"], ["s_new"], axis=0)]
     model = _model(nodes, [_vi("x", [c]), _vi("s", [3, c])], [_vi("o", [1, c]), _vi("s_new", [3, c])],
                    [_i("i0", 0), _i("i1", 1), _i("i2v", [2]), _i("shape", [1, -1])])
-    _, plan = batch_tokens_with_plan(normalize(gs.import_onnx(model)), m, [("s", "s_new")])
+    plan = batch_tokens(normalize(gs.import_onnx(model)).graph, m, [("s", "s_new")]).notes[0]
     assert [u.kind for u in plan.units] == ["recurrent", "recurrent", "shift"]
     assert len(plan.scans) == 1 and plan.scans[0].nodes == []
     _check_against_loop(model, m, [("s", "s_new")])
@@ -313,7 +314,7 @@ def test_negative_token_parallel_op_without_rule_names_the_node():
     model = _model(nodes, [_vi("x", [c]), _vi("s", [c])], [_vi("y3", [1, 1, c - 2]), _vi("s_new", [c])],
                    [_i("shape", [1, 1, c]), _f("k", np.ones((1, 1, 3)))])
     with pytest.raises(ValueError, match="the_conv.*Conv"):
-        batch_tokens(normalize(gs.import_onnx(model)), 2, [("s", "s_new")])
+        batch_tokens(normalize(gs.import_onnx(model)).graph, 2, [("s", "s_new")])
 
 
 def test_negative_bad_arguments():
@@ -329,7 +330,7 @@ def test_negative_bad_arguments():
 def test_raw_unnormalized_export_also_batches():
     """Weight-first 1-D MatMuls and Constant nodes (the exporter's raw fp32 output) batch too."""
     model = export.build_mixing(checkpoints.random_weights(1, 64, 256).layer(0), 0, dtype="float32")
-    bg = batch_tokens(gs.import_onnx(model), 5, RWKV4_STATE)
+    bg = batch_tokens(gs.import_onnx(model), 5, RWKV4_STATE).graph
     bm = gs.export_onnx(bg)
     onnx.checker.check_model(bm, full_check=True)
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
@@ -346,11 +347,11 @@ def test_batched_graph_goes_through_placement_partition_and_cut():
     from passes_testlib import run_model, run_segments
 
     m = 8
-    bg = batch_tokens(rwkv4_layer(64, "float16"), m, RWKV4_STATE)
+    bg = batch_tokens(rwkv4_layer(64, "float16"), m, RWKV4_STATE).graph
     feeds = {"input": np.random.default_rng(0).standard_normal((m, 64)).astype(np.float32),
              "state_in": synthetic_state(64, 0)}
     ref = run_model(gs.export_onnx(bg), feeds)
-    cuts = extract_segments(bg, propose_segments(bg, place(bg), "fused", min_npu_flops=1))
+    cuts = extract_segments(bg, propose_segments(bg, place(bg), min_npu_flops=1))
     table = run_segments(cuts, feeds)
     for k in ref:
         assert rel_err(table[k], ref[k]) <= TOL, k
@@ -366,7 +367,7 @@ RWKV7_STATE = [("state_in", "state_out"), ("wkv_in", "wkv_out")]
 def rwkv7_layer(c: int, index: int, dtype: str) -> gs.Graph:
     rwkv7 = pytest.importorskip("rwkv2rknn.families.rwkv7")
     w = rwkv7.random_weights7(2, c, 256)
-    return normalize(gs.import_onnx(rwkv7.build_mixing7(w.layer(index), index, dtype=dtype)))
+    return normalize(gs.import_onnx(rwkv7.build_mixing7(w.layer(index), index, dtype=dtype))).graph
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -376,7 +377,8 @@ def rwkv7_layer(c: int, index: int, dtype: str) -> gs.Graph:
 def test_rwkv7_batched_equals_token_by_token(index, dtype, m, zero_state):
     c = 128
     g = rwkv7_layer(c, index, dtype)
-    bg, plan = batch_tokens_with_plan(g, m, RWKV7_STATE)
+    result = batch_tokens(g, m, RWKV7_STATE)
+    bg, plan = result.graph, result.notes[0]
     assert [u.kind for u in plan.units] == ["shift", "shift", "recurrent"]
     bm = gs.export_onnx(bg)
     onnx.checker.check_model(bm, full_check=True)

@@ -52,7 +52,7 @@ def test_combined_graph_computes_the_same(make, before, after):
     feed = {k: v.astype(np.float32) for k, v in feed.items() if k in names}
     ref = run_model(export_checked(make()), feed)
     assert _ops(g) == before
-    combined = combine_parallel(g)
+    combined = combine_parallel(g).graph
     assert _ops(combined) == after
     got = run_model(export_checked(combined), feed)
     for name in ref:
@@ -63,7 +63,7 @@ def test_a_branch_read_elsewhere_ends_the_group_there():
     g = _rwkv7_mixes()
     extra = next(t for t in g.tensors().values() if t.name == "dm_r")
     g.outputs.append(extra)  # the first Mul's output is also a graph output: the Adds stay apart
-    combined = combine_parallel(g)
+    combined = combine_parallel(g).graph
     assert sum(n.op == "Split" for n in combined.nodes) == 1 and sum(n.op == "Add" for n in combined.nodes) == 6
 
 
@@ -71,7 +71,7 @@ def test_a_branch_read_elsewhere_ends_the_group_there():
 def test_the_npu_keeps_the_combined_ops(tmp_path):
     """rknn-toolkit2 2.5.0 compiles the stacked Mul/Add and the Split on the NPU: its table shows no CPU op."""
     pytest.importorskip("rknn.api")
-    model = export_checked(combine_parallel(_rwkv7_mixes()))
+    model = export_checked(combine_parallel(_rwkv7_mixes()).graph)
     feed = {"h": RNG.standard_normal((1, C)).astype(np.float32), "h_prev": RNG.standard_normal((1, C)).astype(np.float32)}
     table, outs = rknn_build_and_run(model, tmp_path / "m.onnx", [feed], ["h", "h_prev"])
     assert table.cpu_ops == [], table.cpu_ops

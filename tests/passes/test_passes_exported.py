@@ -1,17 +1,20 @@
-"""The passes on graphs from the project's own exporter (rwkv2rknn.export): every file, every policy."""
+"""The passes on graphs from the project's own RWKV-4 exporter (rwkv2rknn.families.rwkv4): every file, every policy."""
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from passes_testlib import rel_err, run_model, run_segments
+from passes_testlib import groupings, rel_err, run_model, run_segments
 
 from passes.cut import extract_segments
-from passes.partition import POLICIES, propose_segments
+from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import place
 
-export = pytest.importorskip("rwkv2rknn.export")
-checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
+GROUPINGS = groupings()  # policy name -> its Grouping
+POLICIES = list(GROUPINGS)
+
+export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +36,14 @@ def _feeds(g, rng):
 
 @pytest.mark.parametrize("name", ["embed", "mixing_0", "mixing_1", "head"])
 def test_exported_graphs_cut_exactly(exported, name):
-    g = normalize(gs.import_onnx(onnx.load(str(exported / f"{name}.onnx"))))
+    g = normalize(gs.import_onnx(onnx.load(str(exported / f"{name}.onnx")))).graph
     feeds = _feeds(g, np.random.default_rng(0))
     if "state_in" in feeds:
         feeds["state_in"][2:4] = np.abs(feeds["state_in"][2:4])
     ref = run_model(gs.export_onnx(g), feeds)
     pl = place(g)
     for policy in POLICIES:
-        cuts = extract_segments(g, propose_segments(g, pl, policy, min_npu_flops=1))
+        cuts = extract_segments(g, propose_segments(g, pl, GROUPINGS[policy], min_npu_flops=1))
         table = run_segments(cuts, feeds)
         for k in ref:
             assert rel_err(table[k], ref[k]) <= 1e-5, (name, policy, k)

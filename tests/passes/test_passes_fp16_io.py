@@ -20,7 +20,7 @@ def test_named_boundary_is_fp16_and_the_values_are_the_fp32_graph_rounded_once()
     rng = np.random.default_rng(0)
     feed = {"x": rng.standard_normal(8).astype(np.float32), "state_in": rng.standard_normal(8).astype(np.float32)}
     ref = run_model(export_checked(_graph()), feed)
-    g = fp16_boundary(_graph(), ["state_in", "state_out"])
+    g = fp16_boundary(_graph(), ["state_in", "state_out"]).graph
     m = export_checked(g)
     dtypes = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output)}
     assert dtypes == {"x": 1, "state_in": 10, "state_out": 10, "y": 1}  # FLOAT = 1, FLOAT16 = 10

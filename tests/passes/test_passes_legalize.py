@@ -33,7 +33,8 @@ ULP1 = 2.0 ** -23
 def _run_both(g_before, legalize_fn, feeds):
     """(reference outputs, rewritten outputs, notes, rewritten graph); the source graph is exported first."""
     ref = run_model(export_checked(g_before), feeds)
-    g, notes = legalize_fn(g_before)
+    result = legalize_fn(g_before)
+    g, notes = result.graph, result.notes
     g = g.cleanup().toposort()
     got = run_model(export_checked(g), feeds)
     return ref, got, notes, g
@@ -149,7 +150,8 @@ def test_exp_left_alone_when_the_argument_is_not_provably_nonpositive():
     ]
     g = helper_graph(nodes, [("a", [c]), ("b", [c]), ("c", [c])], [(f"y{k}", [c]) for k in range(4)])
     before = _ops(g)
-    g, notes = legalize_exp(g)
+    result = legalize_exp(g)
+    g, notes = result.graph, result.notes
     assert _ops(g) == before
     notes = _by_node(notes)
     assert set(notes) == {"Exp_input", "Exp_plain", "Exp_other", "Exp_reversed"}
@@ -163,11 +165,11 @@ def test_exp_left_alone_when_the_argument_is_not_provably_nonpositive():
 def test_exp_proof_after_max_rewrites():
     """The proof sees through the 4-D Max's Reshapes; after a + Relu(b - a) only a - max stays provable,
     which is why legalize() rewrites Exp before Max and uses the exact 4-D form."""
-    g, _ = legalize_max(_wkv_graph(16), form="4d")
-    _, notes = legalize_exp(g)
+    g = legalize_max(_wkv_graph(16), form="4d").graph
+    notes = legalize_exp(g).notes
     assert all(n.rewritten for n in notes)
-    g, _ = legalize_max(_wkv_graph(16), form="relu")
-    _, notes = legalize_exp(g)
+    g = legalize_max(_wkv_graph(16), form="relu").graph
+    notes = legalize_exp(g).notes
     assert [(n.node, n.rewritten) for n in notes] == [("Exp_a", True), ("Exp_b", False)]
 
 
@@ -214,7 +216,8 @@ def test_max_left_alone():
     g = helper_graph(nodes, [("a4", [1, 8, 1, 1]), ("b4", [1, 8, 1, 1]), ("a", [8]), ("b", [8]), ("c", [8]), ("s", [1])],
                [("y0", [1, 8, 1, 1]), ("y1", [8]), ("y2", [8])])
     before = _ops(g)
-    g, notes = legalize_max(g)
+    result = legalize_max(g)
+    g, notes = result.graph, result.notes
     assert _ops(g) == before
     why = {n.node: n.reason for n in notes if not n.rewritten}
     assert "already 4-D" in why["Max_4d"]
@@ -251,7 +254,8 @@ def test_div_left_alone():
                      [("x", [64]), ("std", [1]), ("p", [127]), ("q", [127]), ("h", [1, 1, 8, 8]), ("w", [1, 1, 8, 8])],
                      [("y0", [64]), ("y1", [64]), ("y2", [127]), ("y3", [1, 1, 8, 8])], [("k", np.full(64, 3.0))])
     before = _ops(g)
-    g, notes = legalize_div(g)
+    result = legalize_div(g)
+    g, notes = result.graph, result.notes
     assert _ops(g) == before
     why = {n.node: n.reason for n in notes if not n.rewritten}
     assert "exNorm" in why["Div_ln"] and "broadcasts" in why["Div_ln"]
@@ -293,7 +297,7 @@ def test_min_becomes_negated_max_exactly():
     assert _ops(g2).count("Min") == 1 and _ops(g2).count("Max") == 2
     for k in ref:
         assert np.array_equal(got[k], ref[k]), k
-    g3, notes3 = legalize(g2)   # the new Max nodes then go 4-D
+    g3 = legalize(g2).graph   # the new Max nodes then go 4-D
     assert all(len(n.outputs[0].shape) == 4 for n in g3.nodes if n.op == "Max")
 
 
@@ -302,9 +306,10 @@ def test_reciprocal_through_legalize_is_exact():
     x = (np.random.default_rng(7).uniform(0.1, 8, c) * np.where(np.arange(c) % 3, 1, -1)).astype(np.float32)
     g = helper_graph([helper.make_node("Reciprocal", ["x"], ["y"], name="Reciprocal_0")], [("x", [c])], [("y", [c])])
     ref = run_model(export_checked(g), {"x": x})
-    g1, n1 = legalize_reciprocal(g)
+    result = legalize_reciprocal(g)
+    g1, n1 = result.graph, result.notes
     assert n1[0].rewritten and _ops(g1) == ["Div"]
-    g2, notes = legalize(g1)
+    g2 = legalize(g1).graph
     assert [n.op for n in g2.nodes] == ["Reshape", "Div", "Mul", "Reshape"]
     assert np.array_equal(run_model(export_checked(g2), {"x": x})["y"], ref["y"])
 
@@ -313,15 +318,17 @@ def test_reciprocal_through_legalize_is_exact():
 
 def _layers():
     yield "passes_testlib", rwkv_mixing_model(64)
-    export = pytest.importorskip("rwkv2rknn.export")
-    checkpoints = pytest.importorskip("rwkv2rknn.checkpoints")
-    yield "rwkv2rknn.export", export.build_mixing(checkpoints.random_weights(1, 64, 256).layer(0), 0, dtype="float16")
+    export = pytest.importorskip("rwkv2rknn.families.rwkv4")
+    checkpoints = pytest.importorskip("rwkv2rknn.families.rwkv4")
+    yield "rwkv2rknn.families.rwkv4", export.build_mixing(checkpoints.random_weights(1, 64, 256).layer(0), 0,
+                                                          dtype="float16")
 
 
 def test_legalize_rwkv4_layer_matches_onnxruntime_over_40_tokens():
     for label, src in _layers():
-        ref_m = export_checked(normalize(gs.import_onnx(src)))
-        g, notes = legalize(normalize(gs.import_onnx(src)))
+        ref_m = export_checked(normalize(gs.import_onnx(src)).graph)
+        result = legalize(normalize(gs.import_onnx(src)).graph)
+        g, notes = result.graph, result.notes
         m = export_checked(g)
         ops = _ops(g)
         assert "Exp" not in ops and ops.count("Elu") == 4, label
@@ -353,13 +360,13 @@ def test_legalized_layer_compiles_without_cpu_ops_and_matches_in_the_simulator(t
     and the simulator (fp16) matches onnxruntime fp32 with realistic states."""
     pytest.importorskip("rknn.api", reason="rknn-toolkit2 is not installed")
     monkeypatch.chdir(tmp_path)  # the verbose compiler writes check*.onnx into the working directory
-    from rwkv2rknn.checkpoints import random_weights
-    from rwkv2rknn.export import build_mixing
+    from rwkv2rknn.families.rwkv4 import random_weights
+    from rwkv2rknn.families.rwkv4 import build_mixing
 
     c = 128
     src = build_mixing(random_weights(1, c, 256).layer(0), 0, dtype="float16")
-    plain = export_checked(normalize(gs.import_onnx(src)))
-    legal = export_checked(legalize(normalize(gs.import_onnx(src)))[0])
+    plain = export_checked(normalize(gs.import_onnx(src)).graph)
+    legal = export_checked(legalize(normalize(gs.import_onnx(src)).graph).graph)
     rng = np.random.default_rng(0)
     hand = rng.standard_normal((5, c)).astype(np.float32)          # rows 0, 1: LN outputs of the last token
     hand[2] = np.abs(hand[2]) * 3                                    # aa

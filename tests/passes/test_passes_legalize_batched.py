@@ -11,15 +11,15 @@ from passes.batch import batch_tokens
 from passes.legalize import legalize
 from passes.pipeline import normalize
 from passes.signs import nonpositive
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_mixing
 
 C, M = 64, 5
 
 
 def _batched():
-    g = normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=2).layer(0), 0, dtype="float16")))
-    return batch_tokens(g, M, [("state_in", "state_out")])
+    g = normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=2).layer(0), 0, dtype="float16"))).graph
+    return batch_tokens(g, M, [("state_in", "state_out")]).graph
 
 
 def _run(graph, feed):
@@ -37,7 +37,8 @@ def test_every_exp_of_the_batched_wkv_is_proven_and_rewritten():
     state[2:4] = np.abs(state[2:4]) + 1
     feed = {"input": rng.standard_normal((M, C)).astype(np.float32), "state_in": state}
     want = _run(b, feed)
-    legal, notes = legalize(_batched())
+    result = legalize(_batched())
+    legal, notes = result.graph, result.notes
     assert not any(n.op == "Exp" for n in legal.nodes)
     assert all(n.rewritten for n in notes if n.op in ("Exp", "Max"))
     for got, w in zip(_run(legal, feed), want):

@@ -62,7 +62,8 @@ def test_matvec_matches_onnxruntime_within_the_summation_bound(sa, sb, opset):
     b = rng.standard_normal(sb).astype(np.float32)
     g = _matvec_graph(sa, sb, opset)
     ref = run_model(export_checked(g), {"a_in": a, "b_in": b})["y"]
-    g, notes = legalize_matvec(g)
+    result = legalize_matvec(g)
+    g, notes = result.graph, result.notes
     assert [(n.node, n.rewritten) for n in notes] == [("MatMul_0", True)]
     assert "MatMul" not in _ops(g) and _ops(g).count("Mul") == 1 and _ops(g).count("ReduceSum") == 1
     red = next(n for n in g.nodes if n.op == "ReduceSum")
@@ -94,7 +95,8 @@ def test_non_column_and_other_matmuls_are_left_alone_with_a_reason():
                [("y0", [2, 64, 3]), ("y1", [2, 64, 1]), ("y2", [2, 64]), ("y3", [32])],
                [("zero", np.zeros(1)), ("w", np.ones((32, 64)))])
     before = _ops(g)
-    g, notes = legalize_matvec(g)
+    result = legalize_matvec(g)
+    g, notes = result.graph, result.notes
     assert _ops(g) == before
     why = {n.node: n.reason for n in notes}
     assert not any(n.rewritten for n in notes)
@@ -119,8 +121,9 @@ def rwkv7_layers():
     out = []
     for i in range(2):
         src = build_mixing7(w.layer(i), i, dtype="float16")
-        plain = export_checked(normalize(gs.import_onnx(src)))
-        legal, notes = legalize(normalize(gs.import_onnx(src)))
+        plain = export_checked(normalize(gs.import_onnx(src)).graph)
+        result = legalize(normalize(gs.import_onnx(src)).graph)
+        legal, notes = result.graph, result.notes
         out.append((plain, export_checked(legal), notes))
     return out
 

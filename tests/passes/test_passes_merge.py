@@ -9,16 +9,16 @@ import pytest
 
 from passes.merge import merge_graphs
 from passes.pipeline import normalize
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_head, build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_head, build_mixing
 
 C, V = 64, 96
 
 
 def _layers(n):
     w = random_weights(n, C, V, seed=3)
-    mix = [normalize(gs.import_onnx(build_mixing(w.layer(i), i, dtype="float16"))) for i in range(n)]
-    return mix, normalize(gs.import_onnx(build_head(w.head(), dtype="float16")))
+    mix = [normalize(gs.import_onnx(build_mixing(w.layer(i), i, dtype="float16"))).graph for i in range(n)]
+    return mix, normalize(gs.import_onnx(build_head(w.head(), dtype="float16"))).graph
 
 
 def _session(graph):

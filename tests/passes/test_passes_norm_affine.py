@@ -34,7 +34,7 @@ def _groupnorm():
 def test_flat_affine_is_exact_and_per_channel():
     feed = {"y": RNG.standard_normal((H, N)).astype(np.float32), "bonus": RNG.standard_normal((H, N)).astype(np.float32)}
     ref = run_model(export_checked(_groupnorm()), feed)
-    g = flat_norm_affine(_groupnorm())
+    g = flat_norm_affine(_groupnorm()).graph
     w = next(n for n in g.nodes if n.op == "Mul" and n.name.endswith(".Mul"))
     assert list(w.inputs[1].values.shape) == [H * N]  # the scale is per channel of the flat vector now
     got = run_model(export_checked(g), feed)
@@ -54,5 +54,5 @@ def test_the_quantizer_takes_it(tmp_path):
     samples = [{"y": RNG.standard_normal((H, N)).astype(np.float32),
                 "bonus": RNG.standard_normal((H, N)).astype(np.float32)} for _ in range(4)]
     ds = write_dataset(tmp_path / "ds", samples, ["y", "bonus"])
-    onnx.save(export_checked(flat_norm_affine(_groupnorm())), str(tmp_path / "after.onnx"))
+    onnx.save(export_checked(flat_norm_affine(_groupnorm()).graph), str(tmp_path / "after.onnx"))
     compile_segment(tmp_path / "after.onnx", precision="w8a8", dataset=str(ds))

@@ -6,13 +6,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from passes_testlib import mixing_feeds, rel_err, run_model, run_segments, rwkv_mixing_model
+from passes_testlib import groupings, mixing_feeds, rel_err, run_model, run_segments, rwkv_mixing_model
 
 from passes.cut import CutSegment, TensorInfo, extract_segments
-from passes.partition import POLICIES, Segment, propose_segments
+from passes.partition import Segment, propose_segments
 from passes.pipeline import normalize
 from passes.placement import place
 from passes.stats import boundary_bytes, flops_share, matmul_flops
+
+GROUPINGS = groupings()  # policy name -> its Grouping
+POLICIES = list(GROUPINGS)
 
 TOL = 1e-5
 
@@ -20,7 +23,7 @@ TOL = 1e-5
 def _prove(g, feeds, policy, npu_all=False, min_npu_flops=1):
     """Cut g under policy, run the segments, compare with g itself; returns the cuts."""
     ref = run_model(gs.export_onnx(g), feeds)
-    segs = propose_segments(g, place(g, npu_all=npu_all), policy, min_npu_flops=min_npu_flops)
+    segs = propose_segments(g, place(g, npu_all=npu_all), GROUPINGS[policy], min_npu_flops=min_npu_flops)
     assert sum(len(s.nodes) for s in segs) == len(g.nodes)
     cuts = extract_segments(g, segs)
     table = run_segments(cuts, feeds)
@@ -44,7 +47,7 @@ def _prove(g, feeds, policy, npu_all=False, min_npu_flops=1):
 
 @pytest.fixture(scope="module")
 def mixing():
-    return normalize(gs.import_onnx(rwkv_mixing_model(64)))
+    return normalize(gs.import_onnx(rwkv_mixing_model(64))).graph
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -74,13 +77,13 @@ def test_mixing_graph_npu_all(mixing):
 
 
 def test_fp16_source_segments_match_normalized():
-    g = normalize(gs.import_onnx(rwkv_mixing_model(32, fp16=True, weights_as="init")))
+    g = normalize(gs.import_onnx(rwkv_mixing_model(32, fp16=True, weights_as="init"))).graph
     for policy in POLICIES:
         _prove(g, mixing_feeds(32), policy)
 
 
 def test_small_npu_runs_go_back_to_cpu(mixing):
-    segs = propose_segments(mixing, place(mixing), "fused", min_npu_flops=10 ** 12)
+    segs = propose_segments(mixing, place(mixing), GROUPINGS["fused"], min_npu_flops=10 ** 12)
     assert [s.backend for s in segs] == ["cpu"]
     assert len(segs[0].nodes) == len(mixing.nodes)
     assert all(isinstance(s, Segment) for s in segs)
@@ -114,7 +117,7 @@ def _handmade():
 def test_handmade_pitfalls(policy):
     src = _handmade()
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)}
-    g = normalize(gs.import_onnx(src))
+    g = normalize(gs.import_onnx(src)).graph
     ref = run_model(src, feeds)
     assert all(rel_err(run_model(gs.export_onnx(g), feeds)[k], ref[k]) <= TOL for k in ref)
     cuts = _prove(g, feeds, policy)
@@ -135,7 +138,7 @@ def test_missing_boundary_shape_fails_loudly():
 
 
 def test_segments_out_of_order_rejected(mixing):
-    segs = propose_segments(mixing, place(mixing), "matmul")
+    segs = propose_segments(mixing, place(mixing), GROUPINGS["matmul"])
     with pytest.raises(ValueError):
         extract_segments(mixing, segs[::-1])
 
@@ -251,7 +254,7 @@ def test_random_dags(case, seed):
     feeds = {"x": rng.standard_normal((2, C)).astype(np.float32),
              "y": rng.standard_normal((2, C)).astype(np.float32),
              "idx": rng.integers(0, 2, size=2).astype(np.int64)}
-    g = normalize(gs.import_onnx(src))
+    g = normalize(gs.import_onnx(src)).graph
     if not fp16:  # an fp32 source must be reproduced by its normalized form
         ref, got = run_model(src, feeds), run_model(gs.export_onnx(g), feeds)
         for k in ref:

@@ -3,13 +3,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
-from passes_testlib import mixing_feeds, rel_err, run_model, run_segments, rwkv_mixing_model
+from passes_testlib import groupings, mixing_feeds, rel_err, run_model, run_segments, rwkv_mixing_model
 
 from passes.cut import extract_segments
-from passes.partition import POLICIES, propose_segments
+from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import place
 from passes.stats import boundary_bytes, flops_share
+
+GROUPINGS = groupings()  # policy name -> its Grouping
+POLICIES = list(GROUPINGS)
 
 
 def _deep_chain(n=10_000, c=16):
@@ -34,13 +37,13 @@ def _deep_chain(n=10_000, c=16):
 
 
 def test_ten_thousand_nodes():
-    g = normalize(gs.import_onnx(_deep_chain()))
+    g = normalize(gs.import_onnx(_deep_chain())).graph
     assert len(g.nodes) >= 10_000
     pl = place(g)
     feeds = {"x": np.linspace(-1, 1, 16).astype(np.float32)}
     ref = run_model(gs.export_onnx(g), feeds)
     for policy in POLICIES:
-        segs = propose_segments(g, pl, policy, min_npu_flops=1)
+        segs = propose_segments(g, pl, GROUPINGS[policy], min_npu_flops=1)
         cuts = extract_segments(g, segs)
         assert sum(c.nodes for c in cuts) == len(g.nodes)
         if len(cuts) < 10:  # running hundreds of tiny sessions adds nothing the small tests don't cover
@@ -51,13 +54,13 @@ def test_ten_thousand_nodes():
 
 def test_430m_shape_mixing_graph():
     c = 1024
-    g = normalize(gs.import_onnx(rwkv_mixing_model(c, fp16=True, weights_as="constant")))
+    g = normalize(gs.import_onnx(rwkv_mixing_model(c, fp16=True, weights_as="constant"))).graph
     pl = place(g)
     feeds = mixing_feeds(c)
     ref = run_model(gs.export_onnx(g), feeds)
     counts = {}
     for policy in POLICIES:
-        cuts = extract_segments(g, propose_segments(g, pl, policy))
+        cuts = extract_segments(g, propose_segments(g, pl, GROUPINGS[policy]))
         out = run_segments(cuts, feeds)
         for k in ref:
             assert rel_err(out[k], ref[k]) <= 1e-5, (policy, k)

@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes_testlib import run_model, run_segments
+from passes_testlib import groupings, run_model, run_segments
 
 from passes.cut import extract_segments
 from passes.partition import propose_segments
 from passes.pipeline import normalize
 from passes.placement import Placement, place
 from passes.state_rule import clone_state_cone, update_only_nodes
-from rwkv2rknn.checkpoints import random_weights
-from rwkv2rknn.export import build_mixing
+from rwkv2rknn.families.rwkv4 import random_weights
+from rwkv2rknn.families.rwkv4 import build_mixing
 
 C = 64
 
 
 def _layer():
-    return normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=1).layer(0), 0, dtype="float16")))
+    return normalize(gs.import_onnx(build_mixing(random_weights(1, C, 64, seed=1).layer(0), 0, dtype="float16"))).graph
 
 
 def _split_reproduces(g, ref_model, on_cpu: set[str], feed: dict):
@@ -29,7 +29,7 @@ def _split_reproduces(g, ref_model, on_cpu: set[str], feed: dict):
     for n in g.nodes:
         if n.name in on_cpu:
             placement[n.name] = Placement("cpu", "update")
-    segs = propose_segments(g, placement, policy="deep")
+    segs = propose_segments(g, placement, groupings()["deep"])
     assert [s.backend for s in segs] == ["npu", "cpu"]
     cuts = extract_segments(g, segs)
     want = run_model(ref_model, feed)
@@ -60,7 +60,7 @@ def test_clones_give_the_update_its_own_reads_and_the_split_reproduces_the_layer
     ref_model = gs.export_onnx(g.copy())
     update = update_only_nodes(g, ["state_in"], ["state_out"])
     shared = [n for n in g.nodes if n.op == "Gather" and n.name not in update]
-    grown = clone_state_cone(g, [("state_in", "state_out")])
+    grown = {n.node for n in clone_state_cone(g, [("state_in", "state_out")]).notes}
     clones = [n for n in g.nodes if n.name in grown - update]
     assert clones and all(c.op == "Gather" and c.inputs[0].name == "state_in" for c in clones)
     assert len(clones) <= len(shared)
@@ -86,9 +86,9 @@ def test_batched_layer_gets_its_own_fp32_scan_for_the_final_state():
     rows = recurrent_rows(g, pairs)
     assert rows == {"state_in": {2, 3, 4}}  # aa, bb, pp; rows 0 and 1 are token shifts
     m = 4
-    b = batch_tokens(g, m, pairs)
+    b = batch_tokens(g, m, pairs).graph
     ref_model = gs.export_onnx(b.copy())
-    cpu = clone_state_cone(b, pairs, rows)
+    cpu = {n.node for n in clone_state_cone(b, pairs, rows).notes}
     on_cpu = [n for n in b.nodes if n.name in cpu]
     assert any(n.name.endswith(".fp32") for n in on_cpu)  # copies of the shared scan steps
     assert sum(n.op == "Max" for n in on_cpu) == m  # one pp' max per token: the whole scan runs on the CPU

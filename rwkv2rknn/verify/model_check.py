@@ -1,7 +1,8 @@
 """Whole-model verify: a text through the built chain in the simulator against onnxruntime fp32, logits compared.
 
-`python -m rwkv2rknn.build.model_check JOB.json` runs in a child of `rwkv2rknn build` (the simulator
-is native code that can crash); it writes {"tokens", "logits_cosine_min", "argmax_agree", ...}.
+`python -m rwkv2rknn.verify.model_check JOB.json` runs in a child of `rwkv2rknn build` (the simulator
+is native code that can crash); it writes {"tokens", "logits_cosine_min", "argmax_agree", ...}. The build names
+this module through rwkv2rknn.verify.RUNTIME (its `check_module`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def check_model(manifest_path, tokens: list[int], backend: str = "rknn-sim") -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m rwkv2rknn.build.model_check JOB.json", file=sys.stderr)
+        print("usage: python -m rwkv2rknn.verify.model_check JOB.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         job = json.load(f)

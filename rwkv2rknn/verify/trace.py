@@ -1,57 +1,16 @@
 """Recording real segment inputs for the build (verification and calibration): the program run on onnxruntime.
 
-Compiler side: it reads ONNX (for the range of integer inputs) and the compiler's Manifest; the runtime never
-imports it.
+Above build/ and run/: it runs the runtime's Chain over the compiler's Manifest; the build gets it through
+rwkv2rknn.verify.RUNTIME, never by importing it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from rwkv2rknn.manifest import Manifest
+from rwkv2rknn.feeds import random_feed
+from rwkv2rknn.manifest import as_manifest
 from rwkv2rknn.run.chain import Chain, runner_factory
-
-
-def as_manifest(manifest) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
-
-
-def _gather_bound(onnx_path: Path, input_name: str) -> int | None:
-    """For an integer input used as Gather indices: the size of the gathered axis (vocab for embed)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:
-        return None
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = inits.get(node.input[0])
-            if dims:
-                return int(dims[axis])
-    return None
-
-
-def random_feed(specs: list[dict], rng: np.random.Generator, onnx_paths=()) -> dict:
-    """Realistic random graph inputs: normal activations; small positive finite values for state;
-    valid indices for integer inputs."""
-    feed = {}
-    for spec in specs:
-        dt = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
-        if dt.kind in "iu":
-            bound = next((b for p in onnx_paths if (b := _gather_bound(p, spec["name"]))), 1)
-            feed[spec["name"]] = rng.integers(0, bound, size=shape).astype(dt)
-        elif "state" in spec["name"].lower():
-            # aa/bb/pp rows of an RWKV state: positive keeps the WKV denominator away from zero.
-            feed[spec["name"]] = rng.uniform(0.0, 0.5, size=shape).astype(dt)
-        else:
-            feed[spec["name"]] = rng.standard_normal(shape).astype(dt)
-    return feed
 
 
 def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -100,5 +59,3 @@ def trace_segment_inputs(manifest, n_tokens: int = 4, seed: int = 0) -> dict[str
             for _ in range(n_tokens):
                 chain.run_graph(g["name"], random_feed(g["inputs"], rng, paths))
     return seen
-
-

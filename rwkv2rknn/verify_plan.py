@@ -30,29 +30,26 @@ def verified(graph, rows: int, state_pairs: list[tuple[str, str]]):
     from passes.verify import verify_tokens
 
     rec = recurrent_rows(graph, state_pairs) if state_pairs else {}
-    return cancel_reshapes(verify_tokens(graph, rows, state_pairs)).cleanup().toposort(), rec
+    return cancel_reshapes(verify_tokens(graph, rows, state_pairs).graph).graph.cleanup().toposort(), rec
 
 
-def split_verify_unit(unit: Unit, rows: int, policy: str, target: str, npu_all: bool, shapes: dict, seg_dir,
-                      root, profile, model, state_update: str, npu_io: str, nsplit: bool, link_dtypes=None):
-    """The verify plan's graph entry of one unit and its report (split's own planning and cutting)."""
-    from rwkv2rknn import policies
+def split_verify_unit(unit: Unit, job, rows: int, link_dtypes=None):
+    """The verify plan's graph entry of one unit and its report (split's own planning and cutting, under the
+    split's `_Job`); link_dtypes(unit): the dtypes of the buffers feeding the unit's inputs (rwkv2rknn/split.py)."""
     from rwkv2rknn.errors import UserError
-    from rwkv2rknn.split import _boundaries, _entry, _plan, _state_pairs, _unit_graph
+    from rwkv2rknn.split import _context, _entry, _plan, _state_pairs, _unit_graph
 
     src = unit.sources
     where = src[0].path if len(src) == 1 else f"{src[0].path} ... {src[-1].path}"
-    if policies.get(policy).groups_layers and not unit.merged:
-        policy = "fused"  # as the decode plan: the embedding lookup and a lone head stay fused plans
-    pairs = _state_pairs(unit, model)
+    policy = job.policy.for_unit(unit)  # as the decode plan: the embedding lookup and a lone head stay fused
     try:
-        graph, rec = verified(_unit_graph(unit, shapes, model), rows, pairs)
+        graph, rec = verified(_unit_graph(unit, job.options.shapes or {}, job.model), rows,
+                              _state_pairs(unit, job.model))
     except ValueError as exc:
         raise UserError(f"{where}: cannot batch this graph over {rows} verify rows ({exc}); split without "
                         "--verify-tokens") from None
-    plan, auto = _plan(graph, policy, target, npu_all, profile, pairs, state_update, rec, where,
-                       _boundaries(unit, graph, model, npu_io, link_dtypes, nsplit))
-    entry, report = _entry(unit, graph, plan, seg_dir, root, state_update, auto, tokens=rows)
+    ctx = _context(job, unit, graph, link_dtypes, rec)
+    entry, report = _entry(unit, graph, _plan(graph, policy, ctx, where), job, tokens=rows)
     report.plan = "verify"
     return entry, report
 
