@@ -41,8 +41,9 @@ def source_hashes(root: Path) -> dict:
 
 
 def plan_graphs(data: dict) -> list[dict]:
-    """The decode plan's graphs, then the prefill plan's."""
-    return data["graphs"] + ((data.get("prefill") or {}).get("graphs") or [])
+    """The decode plan's graphs, then the prefill plan's, then the verify plan's."""
+    return (data["graphs"] + ((data.get("prefill") or {}).get("graphs") or [])
+            + ((data.get("verify") or {}).get("graphs") or []))
 
 
 def empty_record() -> dict:

@@ -117,6 +117,20 @@ SCHEMA = {
                 "logits": _REF,
             },
         },
+        "verify": {  # rwkv2rknn/verify_plan.py: k drafted tokens per call, logits and state after every row
+            "type": "object",
+            "required": ["rows", "graphs", "order", "links", "state", "token_input", "logits"],
+            "properties": {
+                "rows": {"type": "integer", "minimum": 2},
+                "graphs": {"type": "array", "minItems": 1, "items": _GRAPH},
+                "order": {"type": "array", "items": {"type": "string"}},
+                "state": {"type": "array", "items": {"type": "object",
+                                                     "required": ["graph", "input", "output", "dtype",
+                                                                  "row_outputs"]}},
+                "token_input": _REF,
+                "logits": _REF,
+            },
+        },
         "model": {
             "type": ["object", "null"],
             "required": ["vocab_size", "token_input", "logits", "links", "state"],

@@ -26,6 +26,8 @@ class SplitOptions:
     segments convert inside their own graphs (passes/boundary.py); "float32" keeps every boundary fp32.
     nsplit: where predicted faster, a single-row NPU segment becomes three pieces, one per NPU core.
     shapes: --shape NAME=D0,D1,... fixes of dynamic input dimensions. preview: write nothing.
+    verify_tokens: k > 0 adds a verify plan (rwkv2rknn/verify_plan.py; whole models): k drafted tokens checked in
+    one call of k + 1 rows, logits and state after every row (speculative decoding); 0: none.
     """
 
     policy: str = "fused"
@@ -41,6 +43,7 @@ class SplitOptions:
     prefill_chunk: int | None = None
     npu_io: str = "float16"
     nsplit: bool = True
+    verify_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from rwkv2rknn.options import SplitOptions
 from rwkv2rknn.planner import NPU_IO, STATE_UPDATES, Boundaries, PlanContext
 from rwkv2rknn.prefill import MAX_PREFILL_CHUNK, default_chunk, prefill_loop, prefill_units
 from rwkv2rknn.prefill import batched as prefill_graph
+from rwkv2rknn import verify_plan as ver
 from rwkv2rknn.weights import save_segment
 
 
@@ -404,6 +405,15 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
     chunk = (chunk_default if prefill_chunk is None else prefill_chunk) if model is not None else 0
     if prefill_chunk and model is None:
         raise UserError("--prefill-chunk needs a whole model (a model directory): single graphs have no prompt")
+    verify_tokens = opts.verify_tokens
+    if verify_tokens and model is None:
+        raise UserError("--verify-tokens needs a whole model (a model directory): single graphs have no draft")
+    if not 0 <= verify_tokens <= ver.MAX_DRAFT_TOKENS:
+        raise UserError(f"--verify-tokens {verify_tokens}: give 0 (no verify plan) or 1 to {ver.MAX_DRAFT_TOKENS} "
+                        "drafted tokens per verify call")
+    ver_units = ver.verify_units(work) if verify_tokens else []
+    ver_of_src = {src.name: u for u in ver_units for src in u.sources}
+    ver_entries: list[dict] = []
     pre_units, own_head = prefill_units(work) if chunk else ([], None)
     pre_of = {u.name[len("prefill."):]: u for u in pre_units}
     out_dir = Path(out_dir)
@@ -448,6 +458,12 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
             note_written(entry)
             for e, _ in pre:
                 note_written(e)
+            if verify_tokens:  # the verify plan's counterpart of this unit, k + 1 rows per call
+                ve, vr = ver.split_verify_unit(ver_units[work.index(unit)], job, verify_tokens + 1,
+                                               link_dtypes(ver_of_src))
+                note_written(ve)
+                ver_entries.append(ve)
+                reports.append(vr)
             if own_head is not None and own_head.sources[0] in unit.sources:  # deep: the head runs once per chunk
                 pre += _split_unit(own_head, job, link_dtypes=link_dtypes(pre_of_src))
             for src in unit.sources:
@@ -473,6 +489,9 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
             head = own_head or next(u for u in work if u.name == "head")
             data["prefill"] = {**prefill_loop(model, pre_units, head, loop, pre_entries, chunk, entries),
                                "graphs": pre_entries}
+        if ver_entries:
+            data["verify"] = {**ver.verify_loop(model, ver_units, loop, ver_entries, verify_tokens + 1),
+                              "graphs": ver_entries}
         return data
 
     if opts.preview:

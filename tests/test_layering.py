@@ -97,5 +97,6 @@ def test_the_walk_finds_a_violation():
         return imports_of(path, source) if path == planted else imports_of(path)
 
     bad = _violations("rwkv2rknn.cost", ("rwkv2rknn.split", "rwkv2rknn.run"), imports)
-    assert any(b.startswith("rwkv2rknn.cost.plan -> rwkv2rknn.preview (rwkv2rknn/cost/plan.py:")
+    # the chain may reach cost/plan.py through another module of cost/ first (the walk records one chain per module)
+    assert any("-> rwkv2rknn.preview (rwkv2rknn/cost/plan.py:" in b
                and "-> rwkv2rknn.split (rwkv2rknn/preview.py:" in b for b in bad), bad

@@ -345,6 +345,10 @@ def _model_warnings(check: dict | None, precision: str) -> list[str]:
     if pre and not pre["logits_cosine_min"] >= limit:
         out.append(f"prefill plan: logits cosine {pre['logits_cosine_min']:.6f} < {limit} against onnxruntime fp32 "
                    f"over {pre['chunks']} chunk(s) of {pre['chunk']} tokens")
+    ver = check.get("verify")
+    if ver and not ver["logits_cosine_min"] >= limit:
+        out.append(f"verify plan: logits cosine {ver['logits_cosine_min']:.6f} < {limit} against onnxruntime fp32 "
+                   f"over {ver['passes']} pass(es) of {ver['rows']} rows")
     return out
 
 

@@ -116,7 +116,9 @@ def print_summary(console, report, args) -> None:
         console.print(f"whole model ({check['tokens']} tokens, simulator vs onnxruntime fp32): logits cosine min "
                       f"{check['logits_cosine_min']:.6f}, argmax agrees on {100 * check['argmax_agree']:.1f}%"
                       + (f"; prefill plan ({pre['chunks']} x {pre['chunk']} tokens): cosine min "
-                         f"{pre['logits_cosine_min']:.6f}" if pre else ""), soft_wrap=True)
+                         f"{pre['logits_cosine_min']:.6f}" if pre else "")
+                      + (f"; verify plan ({check['verify']['passes']} x {check['verify']['rows']} rows): cosine min "
+                         f"{check['verify']['logits_cosine_min']:.6f}" if check.get("verify") else ""), soft_wrap=True)
     for w in report.warnings:
         console.print(f"[yellow]warning[/yellow] {w}", soft_wrap=True)
     if args.no_verify:

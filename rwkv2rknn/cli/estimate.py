@@ -36,6 +36,9 @@ def register(sub) -> None:
                    help="price NPU segments as if built at this precision (before a build that takes an hour); a "
                    "build's recorded per-segment precision replaces the assumption (default: the build's, else fp16)")
     p.add_argument("--segments", action="store_true", help="also print every segment")
+    from rwkv2rknn.cli.estimate_draft import add_arguments
+
+    add_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (on the last line of stdout) instead of tables")
     p.set_defaults(func=run)
@@ -69,6 +72,9 @@ def run(args) -> int:
 
     if args.tokens_per_call < 1:
         raise UserError(f"--tokens-per-call {args.tokens_per_call}: must be at least 1")
+    from rwkv2rknn.cli import estimate_draft
+
+    estimate_draft.check(args)
     from rwkv2rknn.cost.estimate import program_of
 
     profile = load_profile(args.board)
@@ -84,12 +90,14 @@ def run(args) -> int:
     mem = board_memory(data, program, result["precision"], profile.npu_context_bytes)
     result["board_memory_bytes"] = mem.board_memory_bytes
     result["memory"] = mem.to_dict()
+    if not args.json:
+        print_tables(est, cpu, result, profile, args.segments)
+        print_runtimes(result["runtimes"])
+        print_memory(mem, profile)
+    if args.draft:
+        result["speculative"] = estimate_draft.run(args, data, program, profile, _loader(manifest))
     if args.json:
         print(json.dumps(result))
-        return 0
-    print_tables(est, cpu, result, profile, args.segments)
-    print_runtimes(result["runtimes"])
-    print_memory(mem, profile)
     return 0
 
 

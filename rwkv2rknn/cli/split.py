@@ -41,6 +41,10 @@ def register(sub) -> None:
                    help="prompt tokens per call in a prefill plan written beside the decode plan (whole models; "
                    "default by width: 16, 64 from 1024 wide, 128 from 2048; 0: no prefill plan; at most 256). "
                    "The NPU is 10-50x faster per token at M >= 16 than at M = 1")
+    p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
+                   help="add a verify plan for speculative decoding with a draft model (`run --draft`): K drafted "
+                   "tokens checked in one call of K+1 rows, logits and state after every row (default 0: none; at most "
+                   "15). Pick K with `rwkv2rknn estimate OUT --draft DRAFT_OUT` (docs/speculative.md)")
     p.add_argument("--npu-io", default="float16", choices=["float16", "float32"],
                    help="dtype of the buffers at NPU segments' boundaries: float16 (default: the NPU's own; CPU "
                    "segments convert inside their graphs, nothing is converted per NPU call) or float32 (every "
@@ -67,7 +71,8 @@ def options(args):
     return SplitOptions(policy=args.policy, target=args.target, npu_all=args.npu_all, shapes=parse_shapes(args.shape),
                         force=args.force, preview=args.preview, progress=not args.quiet, board=args.board,
                         layers_per_call=args.layers_per_call, state_update=args.state_update,
-                        prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit)
+                        prefill_chunk=args.prefill_chunk, npu_io=args.npu_io, nsplit=not args.no_nsplit,
+                        verify_tokens=args.verify_tokens)
 
 
 def run(args) -> int:
@@ -100,6 +105,12 @@ def run(args) -> int:
         print_summary(console, prefill, auto=policy.chooses,
                       title=f"prefill plan ({chunk} prompt tokens per call; predicted ms per prompt token on board "
                             f"profile {board})", overlap_ms=predicted.get("prefill_overlap_ms", 0.0))
+    verify = [r for r in reports if r.plan == "verify"]
+    if verify:
+        rows = (data.get("verify") or {}).get("rows")
+        print_summary(console, verify, auto=policy.chooses,
+                      title=f"verify plan ({rows} rows per call: the last token and {rows - 1} drafts; predicted ms "
+                            f"per row on board profile {board})")
     print_prediction(console, data, args.board)
     if not args.preview:
         n_segments = sum(r.npu_segments + r.cpu_segments for r in reports)

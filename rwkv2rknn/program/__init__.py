@@ -15,7 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROGRAM_VERSION = 1
+PROGRAM_VERSION = 2  # the newest this runtime executes; 2 adds the verify plan (a program without one is written as 1)
+VERIFY_VERSION = 2
 PROGRAM_NAME = "program.json"
 ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1, "float64": 8}
 
@@ -103,7 +104,7 @@ class State:
 
 @dataclass
 class Plan:
-    name: str                   # "decode" or "prefill"
+    name: str                   # "decode", "prefill" or "verify"
     tokens: int                 # tokens per run
     steps: list
     token: int | None = None    # buffer of the token ids
@@ -112,6 +113,9 @@ class Plan:
     # "npu_runtime" (an fp32 boundary of an NPU segment, converted by the NPU's runtime on each call)
     conversions: list = field(default_factory=list)
     converted_bytes: int = 0    # per run
+    # a verify plan (rows = tokens): per state {state, rows: [buffer ids]}, the state after rows 0..tokens-2; the
+    # state after the last row is written where every plan writes it. commit(j) keeps the state after row j.
+    state_rows: list = field(default_factory=list)
 
     @property
     def converted_bytes_per_token(self) -> float:
@@ -142,6 +146,10 @@ class Program:
     def prefill(self) -> Plan | None:
         return self.plans.get("prefill")
 
+    @property
+    def verify(self) -> Plan | None:
+        return self.plans.get("verify")
+
     def swap_map(self) -> dict:
         """buffer id -> its partner at odd parity (every ping-pong pair, both ways)."""
         out = {}
@@ -158,7 +166,8 @@ class Program:
                 "segments": {k: asdict(v) for k, v in self.segments.items()},
                 "buffers": [asdict(b) for b in self.buffers],
                 "states": [asdict(s) for s in self.states],
-                "plans": {k: {**asdict(p), "converted_bytes_per_token": p.converted_bytes_per_token}
+                "plans": {k: {**{f: v for f, v in asdict(p).items() if f != "state_rows" or v},
+                              "converted_bytes_per_token": p.converted_bytes_per_token}
                           for k, p in self.plans.items()},
                 "graphs": self.graphs, "probes": [asdict(p) for p in self.probes]}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from rwkv2rknn.artifacts import join, plan_graphs
-from rwkv2rknn.program import ITEMSIZE, PROGRAM_VERSION, Buffer, Plan, Program, Segment, State, Step, Tensor
+from rwkv2rknn.program import ITEMSIZE, VERIFY_VERSION, Buffer, Plan, Program, Segment, State, Step, Tensor
 
 FP32_BYTES = 4  # conversions are counted in fp32-side bytes (4 per element), as the board profiles price them
 FP16_SUFFIX = "@fp16"
@@ -74,6 +74,21 @@ class _Lowerer:
         b = Buffer(len(self.buffers), name, dtype, [int(d) for d in shape], role, view_of, offset)
         self.buffers.append(b)
         return b.id
+
+    def state_rows(self, states: list[dict]) -> list[dict]:
+        """A verify plan's per-row state buffers: {state, rows: [buffer after row 0, 1, ...]} per state (the state
+        after the last row is the pair's written buffer, as in every plan)."""
+        out = []
+        for k, st in enumerate(states):
+            outs = self.graphs[st["graph"]]["outputs"]
+            missing = [n for n in st["row_outputs"] if n not in outs]
+            if missing:
+                raise LoweringError(f"verify plan: graph {st['graph']} writes no {missing[0]}")
+            rows = [outs[n] for n in st["row_outputs"]]
+            for b in rows:
+                self.buffers[b].role = "state_row"
+            out.append({"state": k, "rows": rows})
+        return out
 
     # -- one plan ---------------------------------------------------------------------------------------
     def lower_plan(self, name: str, graph_names: list[str], tokens: int, links: list[dict], token_ref: dict | None,
@@ -297,11 +312,14 @@ def lower(plan: dict, record: dict | None = None, producer: str = "", source: di
     if model is not None:
         pre = data.get("prefill") or None
         pre_states = (pre or {}).get("state") or []
+        ver = data.get("verify") or None
+        ver_states = (ver or {}).get("state") or []
         for k, st in enumerate(model["state"]):
             label = f"state/{st['graph']}/{st['input']}"
             a = low.buffer(f"{label}.a", st["dtype"], st["shape"], "state")
             b = low.buffer(f"{label}.b", st["dtype"], st["shape"], "state")
-            has_shadow = [bool(st.get("shadow")), bool(k < len(pre_states) and pre_states[k].get("shadow"))]
+            has_shadow = [bool(st.get("shadow")), bool(k < len(pre_states) and pre_states[k].get("shadow")),
+                          bool(k < len(ver_states) and ver_states[k].get("shadow"))]
             shadow = None
             if any(has_shadow) and st["dtype"] == "float32":
                 shadow = [low.buffer(f"{label}@fp16.a", "float16", st["shape"], "state"),
@@ -313,6 +331,9 @@ def lower(plan: dict, record: dict | None = None, producer: str = "", source: di
                     slot.refresh_at_start["prefill"] = True
                 else:
                     slot.refresh_at_end["prefill"] = True
+            if shadow and ver is not None and has_shadow[0] != has_shadow[2]:  # the same for the verify plan
+                slot.refresh_at_start["verify"] = has_shadow[2]
+                slot.refresh_at_end["verify"] = not has_shadow[2]
             slots.append(slot)
             init = st.get("init") or {}
             states.append(State(label, st["dtype"], [int(d) for d in st["shape"]], [a, b],
@@ -323,6 +344,10 @@ def lower(plan: dict, record: dict | None = None, producer: str = "", source: di
         if pre is not None:
             plans["prefill"] = low.lower_plan("prefill", pre["order"], int(pre["chunk"]), pre["links"],
                                               pre["token_input"], pre["logits"], pre_states, slots)
+        if ver is not None:
+            plans["verify"] = low.lower_plan("verify", ver["order"], int(ver["rows"]), ver["links"],
+                                             ver["token_input"], ver["logits"], ver_states, slots)
+            plans["verify"].state_rows = low.state_rows(ver_states)
     else:
         plans["decode"] = low.lower_plan("decode", [g["name"] for g in data["graphs"]], 1, [], None, None, [], [])
     model_info = None
@@ -330,7 +355,8 @@ def lower(plan: dict, record: dict | None = None, producer: str = "", source: di
         model_info = {k: model.get(k) for k in ("family", "vocab_size", "tokenizer", "n_layer", "n_embd",
                                                   "state_tuning")}
     probes = [segment_of(p) for p in (data.get("build") or {}).get("probes") or [] if p.get("rknn")]
-    return Program(PROGRAM_VERSION, producer, data.get("target", "rk3588"), model_info, low.segments, low.buffers,
+    version = VERIFY_VERSION if "verify" in plans else 1  # a runtime without the verify plan runs the rest
+    return Program(version, producer, data.get("target", "rk3588"), model_info, low.segments, low.buffers,
                    states, plans, low.graphs, dict(source or {}), [], probes)
 
 

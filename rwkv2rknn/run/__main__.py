@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--doctor", action="store_true",
                    help="which runtime pieces are installed and which backends can run here; needs no OUT")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from rwkv2rknn.run.draft_main import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -348,6 +351,9 @@ def _run(args) -> int:
         raise UserError(f"--dump-logits {args.dump_logits}: give a file name ending in .npy")
     if args.json and not (args.bench or args.show_program):
         raise UserError("--json goes with --bench or --show-program")
+    from rwkv2rknn.run import draft_main
+
+    draft_main.check_arguments(args)
     program, root = open_program(args.manifest)
     if args.show_program:
         from rwkv2rknn.program.show import print_program
@@ -384,6 +390,9 @@ def _run(args) -> int:
     if not (args.prompt is not None or tokens or args.chat or args.bench):
         raise UserError("nothing to do: give --prompt TEXT, --tokens IDS, --chat or --bench")
     rng = np.random.default_rng(args.seed)
+    if args.draft is not None:
+        with _open_chain(args, (program, root)) as chain:
+            return draft_main.run(args, chain, tokenizer, tokens, rng, _open_chain)
     with _open_chain(args, (program, root)) as chain:
         if args.bench:
             ids = tokens or (tokenizer.encode(args.prompt) if args.prompt is not None else

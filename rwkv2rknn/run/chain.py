@@ -172,6 +172,8 @@ class Chain:
         self.set_timing(timed)
         self.parity = 0
         self.chunk = p.prefill.tokens if p.prefill else 0
+        self.verify_rows = p.verify.tokens if p.verify else 0  # a verify plan: the last token and rows - 1 drafts
+        self._verified = 0  # real rows of the last verify run, until commit()
         if p.model is not None:
             self.reset()
 
@@ -334,6 +336,43 @@ class Chain:
         logits = self._logits(plan)
         self.parity ^= 1 if self.program.states else 0
         return logits
+
+    def verify(self, tokens) -> np.ndarray:
+        """Run the verify plan on 1..rows tokens (the last accepted one, then drafts; padded with the last): the logits
+        after every row, [rows, vocab] (a view, valid until the next run). The state stays where it was until
+        commit(j) keeps the state after row j."""
+        plan = self.program.verify
+        n = len(tokens)
+        if plan is None or not 1 <= n <= plan.tokens:
+            raise ValueError(f"verify takes 1 to {self.verify_rows} tokens, got {n}")
+        ids = self.arrays[plan.token].reshape(-1)
+        ids[:n] = np.asarray(tokens).reshape(-1)
+        ids[n:] = ids[n - 1]
+        self._run("verify")
+        self._verified = n
+        logits = self._logits(plan)
+        return logits.reshape(plan.tokens, -1)
+
+    def commit(self, row: int) -> None:
+        """After verify(tokens): keep the state after tokens[0..row] (row 0: only the first token). The last row's
+        state is where every run writes its state (a parity flip, no copy); an earlier row's is copied from the row
+        buffers the verify plan wrote into the current state (and its fp16 copy, if the state keeps one)."""
+        plan = self.program.verify
+        if not 0 <= row < self._verified:
+            raise ValueError(f"commit({row}): the last verify run had {self._verified} token(s)")
+        self._verified = 0
+        if row == plan.tokens - 1:
+            self.parity ^= 1
+            return
+        swap = self._swap if self.parity else {}
+        for item in plan.state_rows:
+            st = self.program.states[item["state"]]
+            dst = self.arrays[swap.get(st.pair[0], st.pair[0])]
+            np.copyto(dst, self.arrays[item["rows"][row]].reshape(dst.shape), casting="unsafe")
+            if st.shadow:
+                s16 = self.arrays[swap.get(st.shadow[0], st.shadow[0])]
+                np.copyto(s16, np.clip(dst, -65504, 65504), casting="unsafe")
+                self.converted_bytes += dst.size * 4
 
     def feed(self, tokens, prefill: bool = True) -> np.ndarray:
         """Feed tokens: whole chunks through the prefill plan (when there is one), the rest one by one."""

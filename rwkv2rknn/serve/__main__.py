@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a state saved by this server (.npz)")
     p.add_argument("--state-dir", default="rwkv2rknn-states", metavar="DIR",
                    help="where /v1/state/save and /v1/state/load keep named states (default ./rwkv2rknn-states)")
+    g = p.add_argument_group("speculative decoding (docs/speculative.md)")
+    g.add_argument("--draft", metavar="DRAFT_OUT",
+                   help="a smaller model's split/build output with the same tokenizer: it drafts tokens that this model "
+                   "checks in one verify pass each (OUT needs a verify plan: split --verify-tokens K); the output has "
+                   "the distribution of plain sampling")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens drafted per verify pass (default: the verify plan's K)")
+    g.add_argument("--draft-backend", default=None, choices=["ort", "rknn-sim", "rknn-lite", "rknn-c", "auto"],
+                   help="where the draft's NPU steps run (default: --backend)")
     g = p.add_argument_group("limits")
     g.add_argument("--cache-mb", type=float, default=256, help="state cache size in MiB (default 256; 0 = off)")
     g.add_argument("--max-active", type=int, default=16,
@@ -113,14 +122,28 @@ def _run(args) -> int:
     factory = runner_factory((program, root), args.backend, core_mask=core_mask_value(args.core_mask),
                              threads=args.threads)
     chain = Chain(None, factory, progress=False)
+    draft = None
     try:
+        if args.draft is not None:
+            dprog, droot = open_program(args.draft)
+            dfactory = runner_factory((dprog, droot), args.draft_backend or args.backend,
+                                      core_mask=core_mask_value(args.core_mask), threads=args.threads)
+            draft = Chain(None, dfactory, progress=False)
+        elif args.draft_tokens is not None or args.draft_backend is not None:
+            raise UserError("--draft-tokens and --draft-backend go with --draft DRAFT_OUT")
         init = None
         if args.state:
             chain.reset()
             init = load_initial(args.state, program, chain.get_state())
         eos = None if isinstance(tokenizer, BytesTokenizer) else 0  # id 0 ends the text (RWKV World, GPT-NeoX)
-        engine = Engine(chain, tokenizer, init_state=init, cache_bytes=int(args.cache_mb * (1 << 20)),
-                        max_active=args.max_active, max_queue=args.max_queue, quantum=args.quantum_ms / 1e3, eos=eos)
+        kw = dict(init_state=init, cache_bytes=int(args.cache_mb * (1 << 20)), max_active=args.max_active,
+                  max_queue=args.max_queue, quantum=args.quantum_ms / 1e3, eos=eos)
+        if draft is not None:
+            from rwkv2rknn.serve.speculative import SpecEngine
+
+            engine = SpecEngine(chain, tokenizer, draft, args.draft_tokens, **kw)
+        else:
+            engine = Engine(chain, tokenizer, **kw)
         name = args.model_name or root.name or model.get("family", "rwkv")
         default_max = min(args.default_max_tokens or DEFAULT_MAX_TOKENS, args.max_tokens_limit)
         service = Service(engine, tokenizer, program, model_name=name, state_dir=args.state_dir,
@@ -131,7 +154,9 @@ def _run(args) -> int:
         shown = f"[{host}]" if ":" in host else host
         say = lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True)  # noqa: E731
         say(f"serving '{name}' ({model.get('family')}, {model.get('n_layer')}x{model.get('n_embd')}, vocab "
-            f"{model['vocab_size']}, backend {chain.backend}{', state ' + args.state if args.state else ''})")
+            f"{model['vocab_size']}, backend {chain.backend}{', state ' + args.state if args.state else ''}"
+            + (f", draft {args.draft} on {draft.backend}, {engine.spec.k} drafted tokens per verify pass"
+               if draft is not None else "") + ")")
         say(f"listening on http://{shown}:{port} (chat page at /, OpenAI API at /v1)")
         if args.api_key:
             say("authentication: every /v1/ request needs 'Authorization: Bearer KEY' (--api-key)")
@@ -149,6 +174,8 @@ def _run(args) -> int:
         say("stopped")
     finally:
         chain.close()
+        if draft is not None:
+            draft.close()
     return 0
 
 

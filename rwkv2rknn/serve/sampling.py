@@ -48,16 +48,20 @@ class Sampler:
         self.occurrence = np.zeros(vocab, dtype=np.float64) if self.penalize else None
         self.seen = np.zeros(vocab, dtype=bool) if self.penalize else None
 
-    def sample(self, logits: np.ndarray) -> int:
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
         p = self.p
-        if self.penalize:
-            x = logits.astype(np.float64)
-            x -= self.seen * p.presence_penalty + self.occurrence * p.frequency_penalty
-        else:
-            x = logits
+        if not self.penalize:
+            return logits
+        x = logits.astype(np.float64)
+        x -= self.seen * p.presence_penalty + self.occurrence * p.frequency_penalty
+        return x
+
+    def probs(self, logits: np.ndarray) -> np.ndarray | None:
+        """The distribution `sample` draws from, or None when it is greedy (speculative decoding's policy)."""
+        p = self.p
         if p.temperature <= 0 or p.top_p <= 0:
-            return int(np.argmax(x))
-        x = np.asarray(x, dtype=np.float64)
+            return None
+        x = np.asarray(self._penalized(logits), dtype=np.float64)
         z = np.exp(x - x.max())
         probs = z / z.sum()
         order = np.argsort(probs)[::-1]
@@ -69,7 +73,26 @@ class Sampler:
         if p.temperature != 1.0:
             probs = probs ** (1.0 / p.temperature)
         probs /= probs.sum()
+        return probs
+
+    def argmax(self, logits: np.ndarray) -> int:
+        """The greedy choice (penalties applied)."""
+        return int(np.argmax(self._penalized(logits)))
+
+    def sample(self, logits: np.ndarray) -> int:
+        probs = self.probs(logits)
+        if probs is None:
+            return self.argmax(logits)
         return int(self.rng.choice(len(probs), p=probs))
+
+    def fork(self) -> Sampler:
+        """A copy whose penalty memory moves on its own (to look ahead over drafted tokens)."""
+        import copy
+
+        other = copy.copy(self)
+        if self.penalize:
+            other.occurrence, other.seen = self.occurrence.copy(), self.seen.copy()
+        return other
 
     def update(self, token: int) -> None:
         if self.penalize:

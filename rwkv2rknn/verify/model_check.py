@@ -17,6 +17,12 @@ import numpy as np
 def run_logits(manifest, backend: str, tokens: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of the chain on one backend from the initial state: [T, V] token by token through the decode
     plan, and (with a prefill plan) [T // chunk, V] after each whole chunk through the prefill plan."""
+    return run_plans(manifest, backend, tokens)[:2]
+
+
+def run_plans(manifest, backend: str, tokens: list[int]):
+    """run_logits, and (with a verify plan) the logits of every row of consecutive verify passes over the text,
+    [passes * rows, V], each pass keeping all its rows (None without a verify plan)."""
     from rwkv2rknn.run.chain import Chain, runner_factory
 
     with Chain(manifest, runner_factory(manifest, backend)) as chain:
@@ -27,7 +33,15 @@ def run_logits(manifest, backend: str, tokens: list[int]) -> tuple[np.ndarray, n
             m = chain.chunk
             chunks = np.stack([np.array(chain.prefill(tokens[i:i + m]), dtype=np.float32, copy=True)
                                for i in range(0, len(tokens) - m + 1, m)])
-        return steps, chunks
+        rows = None
+        if chain.verify_rows and len(tokens) >= chain.verify_rows:
+            chain.reset()
+            r, out = chain.verify_rows, []
+            for i in range(0, len(tokens) - r + 1, r):
+                out.append(np.array(chain.verify(tokens[i:i + r]), dtype=np.float32, copy=True))
+                chain.commit(r - 1)
+            rows = np.concatenate(out)
+        return steps, chunks, rows
 
 
 def compare_logits(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -47,13 +61,17 @@ def check_model(manifest_path, tokens: list[int], backend: str = "rknn-sim") -> 
     from rwkv2rknn.manifest import Manifest
 
     m = Manifest.load(manifest_path)
-    ref, ref_chunks = run_logits(m, "ort", tokens)
-    got, got_chunks = run_logits(m, backend, tokens)
+    ref, ref_chunks, ref_rows = run_plans(m, "ort", tokens)
+    got, got_chunks, got_rows = run_plans(m, backend, tokens)
     out = {**compare_logits(got, ref), "backend": backend, "reference": "onnxruntime fp32"}
     if ref_chunks is not None:
         pre = compare_logits(got_chunks, ref_chunks)
         out["prefill"] = {"chunks": pre["tokens"], "chunk": m.prefill["chunk"],
                           "logits_cosine_min": pre["logits_cosine_min"], "argmax_agree": pre["argmax_agree"]}
+    if ref_rows is not None:
+        ver = compare_logits(got_rows, ref_rows)
+        out["verify"] = {"rows": m.data["verify"]["rows"], "passes": ver["tokens"] // m.data["verify"]["rows"],
+                         "logits_cosine_min": ver["logits_cosine_min"], "argmax_agree": ver["argmax_agree"]}
     return out
 
 

@@ -16,7 +16,7 @@ from rwkv2rknn.run.chain import Chain, runner_factory
 def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.ndarray]]]:
     """Every segment's real inputs (the program on onnxruntime, in its buffers' dtypes) while `tokens` go through the
     decode plan one by one and, from the state they leave, through the prefill plan in whole chunks (at least one:
-    the text is repeated)."""
+    the text is repeated), then through one pass of the verify plan."""
     manifest = as_manifest(manifest)
     seen: dict[str, list[dict[str, np.ndarray]]] = {s["id"]: [] for _, s in manifest.segments()}
 
@@ -30,6 +30,12 @@ def record_inputs(manifest, tokens: list[int]) -> dict[str, list[dict[str, np.nd
             while len(text) < chain.chunk:
                 text += tokens
             chain.feed(text[:max(1, len(text) // chain.chunk) * chain.chunk])
+        if chain.verify_rows and tokens:  # and one verify pass over the first rows of the text
+            text = list(tokens)
+            while len(text) < chain.verify_rows:
+                text += tokens
+            chain.verify(text[:chain.verify_rows])
+            chain.commit(chain.verify_rows - 1)
     return seen
 
 
