@@ -156,3 +156,28 @@ def test_40_tokens_through_the_prefill_plan_in_the_simulator(trained_model, tmp_
     print(f"40 tokens in the simulator: prefill vs token by token cosine {cosine(a, b):.6f}, vs fp32 {cosine(a, c):.6f}")
     assert cosine(a, b) >= 0.999 and cosine(a, c) >= 0.999
     assert int(a.argmax()) == int(b.argmax()) == int(c.argmax())
+
+
+@pytest.mark.parametrize("policy", ["cpu", "matmul", "fused"])
+def test_no_overlapped_step_is_read_through_a_view_before_it_ends(model_factory, tmp_path_factory, policy):
+    """A CPU step the program marks `overlap` runs on a worker while later steps go on; none of them may read
+    what it writes, also not through a view (the prefill head reads the last row of the last layer's output).
+    Found on RWKV-5/6 `--policy cpu` prefill: the head read the row before the layer had written it."""
+    from rwkv2rknn.program.lower import lower
+
+    m = Manifest.load(_split(model_factory(), tmp_path_factory, 4, policy=policy))
+    program = lower(m.data)
+    bufs = program.buffers
+
+    def base(b):
+        return {b} | ({bufs[b].view_of} if bufs[b].view_of is not None else set())
+
+    for plan in program.plans.values():
+        for i, step in enumerate(plan.steps):
+            if not step.overlap:
+                continue
+            written = set().union(*(base(b) for b in step.outputs))
+            for later in plan.steps[i + 1:]:
+                read = set().union(*(base(b) for b in later.inputs))
+                assert not written & read, (plan.name, step.segment, later.segment)
+    assert any(s.inputs and bufs[s.inputs[0]].view_of is not None for s in program.prefill.steps)  # a row view

@@ -275,7 +275,7 @@ class _Lowerer:
             if logits is None:
                 raise LoweringError(f"plan {name}: nothing writes the logits {logits_ref}")
             self.buffers[logits].role = "logits"
-        _mark_overlap(steps, self.segments, logits)
+        _mark_overlap(steps, self.buffers, logits)
         total = sum(c["bytes"] for c in conversions)
         return Plan(name, tokens, steps, token_buf, logits, conversions, total)
 
@@ -289,14 +289,20 @@ class _Slot:
         self.refresh_at_end: dict[str, bool] = {}
 
 
-def _mark_overlap(steps: list[Step], segments: dict, logits: int | None) -> None:
-    """A CPU run step whose outputs nothing later in the run reads (and which writes no logits) may overlap."""
+def _mark_overlap(steps: list[Step], buffers: list, logits: int | None) -> None:
+    """A CPU run step whose outputs nothing later in the run reads (and which writes no logits) may overlap.
+    A view (a last-row pick, a column slice) is a read of the buffer it views, and a write of a view is a write
+    of its buffer: the runner does not wait for an overlapped step before a later step reads through a view."""
+    def base(b: int) -> set[int]:
+        return {b} if buffers[b].view_of is None else {b, buffers[b].view_of}
+
     read_later: set[int] = set()
     for step in reversed(steps):
-        outs = set(step.outputs)
+        outs = set().union(*(base(b) for b in step.outputs)) if step.outputs else set()
         step.overlap = (step.op == "run" and step.device == "cpu" and not (outs & read_later)
                         and logits not in outs)
-        read_later |= set(step.inputs)
+        for b in step.inputs:
+            read_later |= base(b)
 
 
 def lower(plan: dict, record: dict | None = None, producer: str = "", source: dict | None = None,
