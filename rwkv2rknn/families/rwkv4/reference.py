@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rwkv2rknn.families.reference_common import ReferenceBase
+
 PP_INIT = -1e30
 
 
@@ -17,22 +19,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-class RefModel:
+class RefModel(ReferenceBase):
     """RWKV-4 in RNN mode from canonical `Weights`; computes in `dtype` (fp64 by default).
 
     State: [L, 5, C] with rows ffn shift, att shift, aa, bb, pp (the llama.onnx order).
     """
-
-    def __init__(self, weights, dtype=np.float64):
-        self.dtype = dtype
-
-        def cast(d):
-            return {k: np.asarray(v, dtype=dtype) for k, v in d.items()}
-
-        self.embed = cast(weights.embed())
-        self.layers = [cast(weights.layer(i)) for i in range(weights.n_layer)]
-        self.head = cast(weights.head())
-        self.n_layer, self.n_embd, self.n_vocab = weights.n_layer, weights.n_embd, weights.n_vocab
 
     def init_state(self) -> np.ndarray:
         s = np.zeros((self.n_layer, 5, self.n_embd), dtype=self.dtype)

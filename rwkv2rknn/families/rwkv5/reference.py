@@ -15,47 +15,17 @@ from collections.abc import Iterable
 
 import numpy as np
 
-LN_EPS = 1e-5   # LayerNorm (ln0, ln1, ln2, ln_out)
+from rwkv2rknn.families.reference_common import LN_EPS, MatrixStateReference, norm_last, sigmoid
+
 GN_EPS = 64e-5  # GroupNorm ln_x over each head
 
 
-def norm_last(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mu = x.mean(axis=-1, keepdims=True)
-    d = x - mu
-    return d / np.sqrt((d * d).mean(axis=-1, keepdims=True) + eps) * g + b
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-class RefModel5:
+class RefModel5(MatrixStateReference):
     """RWKV-5.2 in RNN mode from `Weights5`, computing in `dtype` (float64 by default).
 
     State: one (shift [2, C], S [H, N key, N value]) pair per layer; shift row 0 = ffn shift, row 1 = att shift
     (the mixing graphs' state_in rows). S is the package's layout, the transpose of the graphs' wkv_in.
     """
-
-    def __init__(self, weights, dtype=np.float64):
-        self.dtype = dtype
-
-        def cast(d):
-            return {k: np.asarray(v, dtype=dtype) for k, v in d.items()}
-
-        self.embed = cast(weights.embed())
-        self.layers = [cast(weights.layer(i)) for i in range(weights.n_layer)]
-        self.head = cast(weights.head())
-        self.n_layer, self.n_embd, self.n_vocab = weights.n_layer, weights.n_embd, weights.n_vocab
-        self.n_head, self.head_size = weights.n_head, weights.head_size
-
-    def init_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        H, N = self.n_head, self.head_size
-        return [(np.zeros((2, self.n_embd), self.dtype), np.zeros((H, N, N), self.dtype))
-                for _ in range(self.n_layer)]
-
-    def embedding(self, token: int) -> np.ndarray:
-        e = self.embed
-        return norm_last(e["emb.weight"][token], e["ln0.weight"], e["ln0.bias"], LN_EPS)
 
     def time_mix(self, w: dict, h: np.ndarray, h_prev: np.ndarray):
         """(r, k, v, g, decay [H, N]) of one token."""
