@@ -95,7 +95,8 @@ def run(args) -> int:
         print_runtimes(result["runtimes"])
         print_memory(mem, profile)
     if args.draft:
-        result["speculative"] = estimate_draft.run(args, data, program, profile, _loader(manifest))
+        result["speculative"] = estimate_draft.run(args, data, program, profile, _loader(manifest),
+                                                   RUNTIME_PROFILES, _loader)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -27,9 +27,10 @@ def check(args) -> None:
             raise UserError(f"--acceptance {p}: give a rate in [0, 1)")
 
 
-def run(args, data: dict, program, named_profile, loader) -> dict:
-    """The speculative estimate on every runtime profile (and the named one); printed unless --json."""
-    from rwkv2rknn.cli.estimate import RUNTIME_PROFILES, _loader
+def run(args, data: dict, program, named_profile, loader, runtime_profiles: dict, loader_of) -> dict:
+    """The speculative estimate on every runtime profile (`runtime_profiles`: name -> runtime, and the named one);
+    printed unless --json. loader_of(manifest): the segment loader of a manifest (the draft's)."""
+    RUNTIME_PROFILES, _loader = runtime_profiles, loader_of
     from rwkv2rknn.cost.estimate import program_of, with_features
     from rwkv2rknn.cost.profile import load_profile
     from rwkv2rknn.cost.speculative import ACCEPTANCE_GRID, speculative_estimate

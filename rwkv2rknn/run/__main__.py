@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from rwkv2rknn.errors import UserError, run_guarded
+from rwkv2rknn.run.tokenizers import CONTROLS
 
 PROG = "python -m rwkv2rknn.run"
 
@@ -106,7 +107,6 @@ def _save_logits(path: str, logits: np.ndarray) -> None:
 
 # Control characters in generated text (ESC, NUL, CR, ... from a random or badly matched model) would
 # drive the terminal instead of showing text: they are written as U+FFFD; tab and newline pass.
-_CONTROLS = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
 
 
 def _write(text: str) -> None:
@@ -130,7 +130,7 @@ def generate(chain, logits, n: int, tokenizer, args, rng, stop: str | None = Non
         piece = dec.add(tok)
         if piece:
             out.append(piece)
-            _write(piece.translate(_CONTROLS))
+            _write(piece.translate(CONTROLS))
             if stop and stop in "".join(out[-8:]):
                 break
     if dec is None:

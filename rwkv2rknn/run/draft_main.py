@@ -53,9 +53,9 @@ def open_draft(args, open_chain):
 
 
 def _write(text: str) -> None:
-    from rwkv2rknn.run.__main__ import _CONTROLS
+    from rwkv2rknn.run.tokenizers import CONTROLS
 
-    sys.stdout.write(text.translate(_CONTROLS))
+    sys.stdout.write(text.translate(CONTROLS))
     sys.stdout.flush()
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from rwkv2rknn.errors import UserError
 
+# Control characters of generated text shown as U+FFFD on a terminal (tab and newline kept): str.translate table.
+CONTROLS = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+
 
 class BytesTokenizer:
     """One token per byte: the tokenizer of tiny test models (vocab 256)."""
