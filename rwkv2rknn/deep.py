@@ -37,6 +37,7 @@ class Unit:
     name: str
     sources: list  # rwkv2rknn.model.SourceGraph, in execution order
     merged: bool = False  # the sources merged into one graph whose names are `<source>.<name>`
+    parent: str | None = None  # a prefill unit: the decode unit whose layers it holds
 
 
 def _ops(src) -> int:

@@ -34,17 +34,26 @@ MAX_PREFILL_CHUNK = 256  # tokens per prefill call: the batched graph unrolls th
 PREFIX = "prefill."
 
 
-def prefill_units(units: list[Unit]) -> tuple[list[Unit], Unit | None]:
+def prefill_units(units: list[Unit], max_layers: int | None = None) -> tuple[list[Unit], Unit | None]:
     """The prefill plan's units (embed and layers, head taken out of a merged group) and the head unit it needs
-    of its own (None when the decode plan has a head graph the prefill plan can share)."""
+    of its own (None when the decode plan has a head graph the prefill plan can share). `max_layers`: a merged
+    group's layers go in prefill groups of at most this many (its batched graph compiles slower); each unit's
+    `parent` names the decode unit it comes from."""
     out, own_head = [], None
     for u in units:
         layers = [s for s in u.sources if s.name != "head"]
         if any(s.name == "head" for s in u.sources) and (u.merged or len(u.sources) > 1):
             head = next(s for s in u.sources if s.name == "head")
             own_head = Unit(f"{PREFIX}head", [head])
-        if layers:
-            out.append(Unit(f"{PREFIX}{u.name}", layers, merged=u.merged))
+        if not layers:
+            continue
+        k = len(layers) if not (u.merged and max_layers) else max_layers
+        if k >= len(layers):
+            out.append(Unit(f"{PREFIX}{u.name}", layers, merged=u.merged, parent=u.name))
+            continue
+        for j in range(0, len(layers), k):
+            part = layers[j:j + k]
+            out.append(Unit(f"{PREFIX}{u.name}_{j // k}", part, merged=True, parent=u.name))
     return out, own_head
 
 

@@ -195,6 +195,34 @@ def _split_unit(unit: Unit, job: _Job, prefill: Unit | None = None, chunk: int =
     return out
 
 
+def _split_prefill_unit(unit: Unit, job: _Job, chunk: int, link_dtypes) -> list[tuple[dict, GraphReport]]:
+    """The prefill-plan entry of a prefill unit that has no decode counterpart of the same layers."""
+    where = f"{unit.sources[0].path} ... {unit.sources[-1].path}"
+    graph = _unit_graph(unit, job.options.shapes or {}, job.model)
+    try:
+        batched, rows = prefill_graph(graph, chunk, _state_pairs(unit, job.model))
+    except ValueError as exc:
+        raise UserError(f"{where}: cannot batch this graph over {chunk} tokens ({exc}); split with "
+                        "--prefill-chunk 0 (no prefill plan)") from None
+    ctx = _context(job, unit, batched, link_dtypes, rows)
+    return [_entry(unit, batched, _plan(batched, job.policy.for_unit(unit), ctx, where), job, tokens=chunk)]
+
+
+def _prefill_group_layers(pol, opts: SplitOptions, model: RwkvModel | None, chunk: int) -> int | None:
+    """Layers per prefill group for a policy that merges layers: as many as compile within the budget
+    (rwkv2rknn/deep.py COMPILE_MODEL), from the ops of one layer batched over `chunk` tokens (the batched
+    graph has ~2.4x a layer's ops at 16 tokens and ~7x at 64: measured on RWKV-7, 12 x 64). None: the decode
+    groups as they are (no merged groups, or --layers-per-call given)."""
+    from rwkv2rknn.deep import MAX_GROUP_OPS
+
+    if model is None or not pol.groups_layers or opts.layers_per_call is not None or model.n_layer < 2:
+        return None
+    layer = Unit(model.graphs[2].name, [model.graphs[2]])  # mixing_1: a layer like the rest (mixing_0 makes v_first)
+    batched, _ = prefill_graph(_unit_graph(layer, opts.shapes or {}, model), chunk, _state_pairs(layer, model))
+    ops = sum(n.op != "Constant" for n in batched.nodes)
+    return max(1, MAX_GROUP_OPS // max(1, ops))
+
+
 def _entry(unit: Unit, graph: gs.Graph, plan, job: _Job, tokens: int = 1) -> tuple[dict, GraphReport]:
     """A manifest graph entry from a plan: its segments cut, written (unless preview) and described."""
     placement, segments, cuts, policy = plan.placement, plan.segments, plan.cuts, plan.policy
@@ -414,8 +442,11 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
     ver_units = ver.verify_units(work) if verify_tokens else []
     ver_of_src = {src.name: u for u in ver_units for src in u.sources}
     ver_entries: list[dict] = []
-    pre_units, own_head = prefill_units(work) if chunk else ([], None)
-    pre_of = {u.name[len("prefill."):]: u for u in pre_units}
+    max_pre = _prefill_group_layers(pol, opts, model, chunk) if chunk else None
+    pre_units, own_head = prefill_units(work, max_pre) if chunk else ([], None)
+    pre_of: dict[str, list[Unit]] = {}  # decode unit -> its prefill units (a group's may be smaller groups)
+    for pu in pre_units:
+        pre_of.setdefault(pu.parent, []).append(pu)
     out_dir = Path(out_dir)
     # disable=None: no bar when stderr is not a terminal (a log or a pipe gets only the result)
     bar = tqdm(work, desc="split", unit="graph", disable=None if opts.progress else True, file=sys.stderr,
@@ -452,9 +483,17 @@ def split_plan(paths: list[str | Path], out_dir: str | Path, pol: policies.Polic
         job = _Job(pol, opts, profile, model, seg_dir, out_dir if stage is not None else None)
         for unit in bar:
             bar.set_postfix_str(unit.name)
+            subs = pre_of.get(unit.name, [])
+            whole = subs[0] if len(subs) == 1 and len(subs[0].sources) == len(
+                [s for s in unit.sources if s.name != "head"]) else None
             (entry, report), *pre = _split_unit(
-                unit, job, pre_of.get(unit.name), chunk, link_dtypes(dec_of) if model else None,
+                unit, job, whole, chunk, link_dtypes(dec_of) if model else None,
                 link_dtypes(pre_of_src) if model and chunk else None)
+            if whole is None:
+                for sub in subs:  # a group's prefill counterpart in smaller groups (compile time)
+                    got = _split_prefill_unit(sub, job, chunk, link_dtypes(pre_of_src))
+                    note_written(got[0][0])  # the next smaller group reads what this one writes
+                    pre += got
             note_written(entry)
             for e, _ in pre:
                 note_written(e)

@@ -27,6 +27,40 @@ def _logits(manifest, backend="ort", tokens=TOKENS):
         return np.stack([chain.step(t).copy() for t in tokens])
 
 
+def test_prefill_groups_are_bounded_by_their_own_compile_time(tmp_path):
+    """A deep group's prefill counterpart is its layers batched over the chunk (~2.4x the ops at 16 tokens): the
+    prefill plan splits each group into smaller ones that compile within the budget (measured: the 6-layer prefill
+    group of a 12 x 64 RWKV-7 ran past the 600 s timeout while its decode group compiled). The prompt still gives
+    the logits of token-by-token decoding."""
+    from rwkv2rknn import families
+    from rwkv2rknn.deep import MAX_GROUP_OPS
+    from rwkv2rknn.run.chain import Chain
+
+    fam = families.get("rwkv7")
+    fam.export(fam.random_weights(12, 64, 256, seed=0), tmp_path / "m", dtype="float16", progress=False)
+    data, _ = split_model([tmp_path / "m"], tmp_path / "out", policy="deep", prefill_chunk=16, progress=False)
+    decode = [g for g in data["graphs"] if g["name"].startswith("group_")]
+    prefill = [g for g in data["prefill"]["graphs"] if g["name"].startswith("prefill.group_")]
+    assert [sum(c.startswith("mixing_") for c in g["covers"]) for g in decode] == [6, 6]
+    assert len(prefill) > len(decode) and sum(len(g["covers"]) for g in prefill) == 12
+    covered = [c for g in prefill for c in g["covers"]]
+    assert covered == [f"mixing_{i}" for i in range(12)]
+    for g in prefill:  # every NPU segment of a prefill group within the compile budget's ops (segment nodes)
+        for seg in g["segments"]:
+            if seg["backend"] == "npu":
+                import onnx
+
+                nodes = onnx.load(str(tmp_path / "out" / seg["onnx"]), load_external_data=False).graph.node
+                assert sum(n.op_type != "Constant" for n in nodes) <= 1.5 * MAX_GROUP_OPS, (g["name"], len(nodes))
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
+    with Chain(Manifest.load(tmp_path / "out" / "manifest.json")) as chain:
+        fed = chain.feed(tokens).astype(np.float64)
+        chain.reset()
+        for t in tokens:
+            stepped = chain.step(t)
+    assert cosine(fed, stepped.astype(np.float64)) >= 0.9999
+
+
 def test_group_sizes_follow_the_budget():
     mb = 1024 * 1024
     groups, head = group_layers([52 * mb] * 24, 206 * mb)  # the 430M shape, fp32
