@@ -321,3 +321,36 @@ def test_w8a8_keep_fp16_patterns_pick_segments_by_id():
     assert segment_precision("mixing_10.s1", "w8a8", ("mixing_1.*",)) == ("w8a8", None)
     # the cache key follows the precision a segment is built at
     assert build_key("x", "2.5.0", "rk3588", "fp16", "c", 0.05) != build_key("x", "2.5.0", "rk3588", "w8a8", "c", 0.05)
+
+
+def test_bisect_cuts_a_merged_prefill_segment_into_halves_that_chain_to_it(tmp_path):
+    """A stored segment keeps only its boundary's shapes; bisecting a deep prefill group's NPU segment (the path a
+    compile timeout takes) failed on a tensor inside without a static shape. The halves, chained on onnxruntime,
+    give the whole segment's outputs."""
+    import onnxruntime as ort
+
+    from rwkv2rknn import families
+    from rwkv2rknn.build.jobs import bisect_segment
+    from rwkv2rknn.split import split_model
+
+    fam = families.get("rwkv7")
+    fam.export(fam.random_weights(2, 64, 64, seed=0), tmp_path / "m", dtype="float16", progress=False)
+    data, _ = split_model([tmp_path / "m"], tmp_path / "out", policy="deep", layers_per_call=2, prefill_chunk=4,
+                          progress=False)
+    seg = next(s for g in data["prefill"]["graphs"] if g["name"].startswith("prefill.group_")
+               for s in g["segments"] if s["backend"] == "npu")
+    path = tmp_path / "out" / seg["onnx"]
+    halves = bisect_segment(path)
+    assert halves is not None and len(halves) == 2
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: (rng.standard_normal([d for d in i.shape]) * 0.5).astype(
+        np.float16 if "float16" in i.type else np.float32) for i in whole.get_inputs()}
+    want = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
+    values = dict(feeds)
+    for h in halves:
+        s = ort.InferenceSession(h.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        values.update(zip([o.name for o in s.get_outputs()], s.run(None, {i.name: values[i.name]
+                                                                          for i in s.get_inputs()})))
+    for name, w in want.items():
+        np.testing.assert_allclose(values[name].astype(np.float32), w.astype(np.float32), rtol=1e-3, atol=1e-3)

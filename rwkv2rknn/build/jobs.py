@@ -80,9 +80,11 @@ def bisect_segment(onnx_path: Path):
     import onnx_graphsurgeon as gs
 
     from passes.cut import extract_segments
+    from passes.normalize import infer_shapes
     from passes.partition import Segment
 
-    graph = gs.import_onnx(onnx.load(str(onnx_path)))
+    # a stored segment keeps the shapes of its boundary, not of every tensor inside: the cut needs them
+    graph = infer_shapes(gs.import_onnx(onnx.load(str(onnx_path)))).graph
     graph.toposort()
     nodes = list(graph.nodes)
     mm = [k for k, n in enumerate(nodes) if n.op in _MATMUL_OPS]
