@@ -157,7 +157,6 @@ def _run(args) -> int:
             f"{model['vocab_size']}, backend {chain.backend}{', state ' + args.state if args.state else ''}"
             + (f", draft {args.draft} on {draft.backend}, {engine.spec.k} drafted tokens per verify pass"
                if draft is not None else "") + ")")
-        say(f"listening on http://{shown}:{port} (chat page at /, OpenAI API at /v1)")
         if args.api_key:
             say("authentication: every /v1/ request needs 'Authorization: Bearer KEY' (--api-key)")
         else:
@@ -165,6 +164,8 @@ def _run(args) -> int:
                 "states; give --api-key KEY before opening it to a network")
             if not _is_loopback(host):
                 say(f"WARNING: {host} is not a loopback address: other machines can reach this unauthenticated server")
+        # last: a script (and the tests) wait for this line, so everything above is printed when they read it
+        say(f"listening on http://{shown}:{port} (chat page at /, OpenAI API at /v1)")
         config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5,
                                 access_log=args.log_level in ("info", "debug"))
         try:
