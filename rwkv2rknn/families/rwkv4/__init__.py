@@ -17,14 +17,13 @@ from rwkv2rknn.families.rwkv4.checkpoint import (
     detect,
     from_state_dict,
     from_tensors,
-    load_checkpoint,
     load_pth,
     random_weights,
     save_pth,
 )
 from rwkv2rknn.families.rwkv4.graph import ROW_AA, ROW_ATT_SHIFT, ROW_BB, ROW_FFN_SHIFT, ROW_PP, build_mixing, export_model
 from rwkv2rknn.families.rwkv4.reference import PP_INIT, RefModel
-from rwkv2rknn.families.rwkv4.rwkvcpp import BIN_MAGIC, BIN_VERSIONS, load_bin, save_bin
+from rwkv2rknn.families.rwkv4.rwkvcpp import BIN_MAGIC, BIN_VERSIONS, load_bin, load_checkpoint, save_bin
 
 PP_ROW = ROW_PP  # the running-max exponent row of the state: -1e30 at the start while it stays fp32
 

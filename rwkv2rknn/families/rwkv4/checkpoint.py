@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 
@@ -208,16 +207,3 @@ def random_weights(layers: int, embd: int, vocab: int, ffn: int | None = None, s
         return out
 
     return Weights(layers, C, V, F, fetch, f"<random seed={seed}>")
-
-
-def load_checkpoint(path: str | os.PathLike) -> Weights:
-    """Pick the reader from the suffix: .pth (torch state dict) or .bin (rwkv.cpp)."""
-    from rwkv2rknn.families.rwkv4.rwkvcpp import load_bin
-
-    path = Path(path)
-    if path.suffix == ".pth":
-        return load_pth(path)
-    if path.suffix == ".bin":
-        return load_bin(path)
-    raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; "
-                    "give a ChatRWKV .pth or an rwkv.cpp fp32/fp16 .bin")

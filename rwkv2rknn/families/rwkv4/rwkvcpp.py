@@ -15,7 +15,7 @@ import numpy as np
 
 from rwkv2rknn.errors import UserError
 from rwkv2rknn.families.pth import check_file
-from rwkv2rknn.families.rwkv4.checkpoint import Weights, check_shapes, fetcher
+from rwkv2rknn.families.rwkv4.checkpoint import Weights, check_shapes, fetcher, load_pth
 from rwkv2rknn.fsio import atomic_path
 
 BIN_MAGIC = 0x67676D66
@@ -111,3 +111,14 @@ def save_bin(weights: Weights, path: str | os.PathLike, dtype: str = "float32") 
             f.write(struct.pack(f"<{a.ndim}i", *reversed(a.shape)))
             f.write(key)
             f.write(a.tobytes())
+
+
+def load_checkpoint(path: str | os.PathLike) -> Weights:
+    """Pick the reader from the suffix: .pth (torch state dict) or .bin (rwkv.cpp)."""
+    path = Path(path)
+    if path.suffix == ".pth":
+        return load_pth(path)
+    if path.suffix == ".bin":
+        return load_bin(path)
+    raise UserError(f"{path}: unknown checkpoint type {path.suffix or '(no suffix)'!r}; "
+                    "give a ChatRWKV .pth or an rwkv.cpp fp32/fp16 .bin")
