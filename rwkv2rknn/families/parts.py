@@ -173,6 +173,28 @@ def table_fetcher(table: dict[str, dict[str, tuple]], get: Callable[[str], np.nd
     return fetch
 
 
+def need_shape(shapes: dict[str, tuple[int, ...]], name: str, ndim: int, source: str, fix: str) -> tuple[int, ...]:
+    """The shape of tensor `name`, which must be there with `ndim` dimensions; a one-line UserError otherwise."""
+    from rwkv2rknn.errors import UserError
+
+    if name not in shapes:
+        raise UserError(f"{source}: tensor {name} is missing; {fix}")
+    if len(shapes[name]) != ndim:
+        raise UserError(f"{source}: tensor {name} has shape {list(shapes[name])}, expected {ndim} dimensions; {fix}")
+    return tuple(shapes[name])
+
+
+def head_grid(shapes: dict[str, tuple[int, ...]], name: str, n_embd: int, source: str, fix: str) -> tuple[int, int]:
+    """(heads, head size) from a per-head [H, N] tensor, which must tile n_embd."""
+    from rwkv2rknn.errors import UserError
+
+    H, N = need_shape(shapes, name, 2, source, fix)
+    if H * N != n_embd:
+        raise UserError(f"{source}: tensor {name} has shape {[H, N]}, but heads x head size must "
+                        f"equal n_embd={n_embd} (from emb.weight); {fix}")
+    return H, N
+
+
 def n_layers(shapes) -> int:
     """1 + the largest N of the blocks.N.* names (0 when there is none)."""
     import re

@@ -23,8 +23,10 @@ from rwkv2rknn.families.parts import (
     TableWeights,
     canonical_shape,
     check_table,
+    head_grid,
     layer_rng,
     n_layers,
+    need_shape,
     random_ends,
     random_ln,
     random_normal,
@@ -76,14 +78,6 @@ class Weights5(TableWeights):
     TABLE = TABLE
 
 
-def _need(shapes, name: str, ndim: int, source: str, fix: str) -> tuple[int, ...]:
-    if name not in shapes:
-        raise UserError(f"{source}: tensor {name} is missing; {fix}")
-    if len(shapes[name]) != ndim:
-        raise UserError(f"{source}: tensor {name} has shape {list(shapes[name])}, expected {ndim} dimensions; {fix}")
-    return tuple(shapes[name])
-
-
 def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, tuple[int, ...]],
                             source: str) -> Weights5:
     """Check an RWKV-5.2 state dict's names and shapes, infer every dimension, and wrap `get` lazily."""
@@ -91,18 +85,15 @@ def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, 
     if not detect(shapes):
         raise UserError(f"{source}: not an RWKV-5 checkpoint (no blocks.N.att.ln_x / att.time_decay tensors); "
                         "give an RWKV-5 (x052) .pth")
-    V, C = _need(shapes, "emb.weight", 2, source, fix)
+    V, C = need_shape(shapes, "emb.weight", 2, source, fix)
     decay = shapes.get("blocks.0.att.time_decay", ())
     if "blocks.0.att.gate.weight" not in shapes or len(decay) != 2 or decay[1] <= 1:
         raise UserError(f"{source}: an RWKV-5.0/5.1 checkpoint (blocks.0.att.time_decay {list(decay)}, "
                         f"{'a' if 'blocks.0.att.gate.weight' in shapes else 'no'} gate); only RWKV-5.2 (x052: "
                         "time_decay [heads, head size] and a gate) is supported")
-    H, N = decay
-    if H * N != C:
-        raise UserError(f"{source}: tensor blocks.0.att.time_decay has shape {[H, N]}, but heads x head size must "
-                        f"equal n_embd={C} (from emb.weight); {fix}")
+    H, N = head_grid(shapes, "blocks.0.att.time_decay", C, source, fix)
     dims = {"L": n_layers(shapes), "C": C, "V": V, "H": H, "N": N,
-            "F": _need(shapes, "blocks.0.ffn.key.weight", 2, source, fix)[0]}
+            "F": need_shape(shapes, "blocks.0.ffn.key.weight", 2, source, fix)[0]}
     # an older file stores log u as time_first: read it as time_faaaa = exp(time_first)
     first = "time_faaaa" if "blocks.0.att.time_faaaa" in shapes else "time_first"
     stored = {k.replace("att.time_first", "att.time_faaaa"): v for k, v in shapes.items()}

@@ -21,8 +21,10 @@ from rwkv2rknn.families.parts import (
     TableWeights,
     canonical_shape,
     check_table,
+    head_grid,
     layer_rng,
     n_layers,
+    need_shape,
     random_ends,
     random_normal,
     table_fetcher,
@@ -71,14 +73,6 @@ class Weights6(TableWeights):
         self.lora_mix, self.lora_decay = dims["Dm"], dims["Dd"]
 
 
-def _need(shapes, name: str, ndim: int, source: str, fix: str) -> tuple[int, ...]:
-    if name not in shapes:
-        raise UserError(f"{source}: tensor {name} is missing; {fix}")
-    if len(shapes[name]) != ndim:
-        raise UserError(f"{source}: tensor {name} has shape {list(shapes[name])}, expected {ndim} dimensions; {fix}")
-    return tuple(shapes[name])
-
-
 def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, tuple[int, ...]],
                             source: str) -> Weights6:
     """Check an RWKV-6 state dict's names and shapes, infer every dimension, and wrap `get` lazily."""
@@ -86,17 +80,14 @@ def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, 
     if not detect(shapes):
         raise UserError(f"{source}: not an RWKV-6 checkpoint (no blocks.N.att.time_maa_x tensors); "
                         "give an RWKV-6 (x060) .pth")
-    V, C = _need(shapes, "emb.weight", 2, source, fix)
-    H, N = _need(shapes, "blocks.0.att.time_faaaa", 2, source, fix)
-    if H * N != C:
-        raise UserError(f"{source}: tensor blocks.0.att.time_faaaa has shape {[H, N]}, but heads x head size must "
-                        f"equal n_embd={C} (from emb.weight); {fix}")
-    Dm5 = _need(shapes, "blocks.0.att.time_maa_w1", 2, source, fix)[1]
+    V, C = need_shape(shapes, "emb.weight", 2, source, fix)
+    H, N = head_grid(shapes, "blocks.0.att.time_faaaa", C, source, fix)
+    Dm5 = need_shape(shapes, "blocks.0.att.time_maa_w1", 2, source, fix)[1]
     if Dm5 % 5:
         raise UserError(f"{source}: tensor blocks.0.att.time_maa_w1 has {Dm5} columns, not 5 x the LoRA rank; {fix}")
     dims = {"L": n_layers(shapes), "C": C, "V": V, "H": H, "N": N, "Dm": Dm5 // 5, "Dm5": Dm5,
-            "Dd": _need(shapes, "blocks.0.att.time_decay_w1", 2, source, fix)[1],
-            "F": _need(shapes, "blocks.0.ffn.key.weight", 2, source, fix)[0]}
+            "Dd": need_shape(shapes, "blocks.0.att.time_decay_w1", 2, source, fix)[1],
+            "F": need_shape(shapes, "blocks.0.ffn.key.weight", 2, source, fix)[0]}
     check_table(TABLE, shapes, dims, source, fix)
     return Weights6(dims, table_fetcher(TABLE, get, dims), source)
 

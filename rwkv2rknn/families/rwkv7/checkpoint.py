@@ -18,7 +18,18 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from rwkv2rknn.errors import UserError
-from rwkv2rknn.families.parts import Part, PartedWeights, file_name, layer_rng, random_ends, random_ln, random_normal
+from rwkv2rknn.families.parts import (
+    Part,
+    PartedWeights,
+    file_name,
+    head_grid,
+    layer_rng,
+    n_layers,
+    need_shape,
+    random_ends,
+    random_ln,
+    random_normal,
+)
 from rwkv2rknn.families.pth import read_state_dict, write_state_dict
 
 HEAD_SIZE = 64
@@ -110,20 +121,11 @@ def weights_from_state_dict(get: Callable[[str], np.ndarray], shapes: dict[str, 
                         "checkpoints are supported")
 
     def need(name: str, ndim: int) -> tuple[int, ...]:
-        if name not in shapes:
-            raise UserError(f"{source}: tensor {name} is missing; {fix}")
-        if len(shapes[name]) != ndim:
-            raise UserError(f"{source}: tensor {name} has shape {list(shapes[name])}, expected {ndim} "
-                            f"dimensions; {fix}")
-        return tuple(shapes[name])
+        return need_shape(shapes, name, ndim, source, fix)
 
     V, C = need("emb.weight", 2)
-    H, N = need("blocks.0.att.r_k", 2)
-    if H * N != C:
-        raise UserError(f"{source}: tensor blocks.0.att.r_k has shape {[H, N]}, but heads x head size must "
-                        f"equal n_embd={C} (from emb.weight); {fix}")
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    L = max(layers) + 1
+    H, N = head_grid(shapes, "blocks.0.att.r_k", C, source, fix)
+    L = n_layers(shapes)
     dims = {"L": L, "C": C, "V": V, "H": H, "N": N,
             "Dw": need("blocks.0.att.w1", 2)[1], "Da": need("blocks.0.att.a1", 2)[1],
             "Dg": need("blocks.0.att.g1", 2)[1], "F": need("blocks.0.ffn.key.weight", 2)[0]}
