@@ -140,27 +140,16 @@ def generate(chain, logits, n: int, tokenizer, args, rng, stop: str | None = Non
 
 def run_chat(chain, tokenizer, args, rng) -> int:
     """User:/Bot: turns; the conversation lives in the recurrent state, never re-fed."""
-    interactive = sys.stdin.isatty()
+    from rwkv2rknn.run.chat import STOP, chat_loop
+
     max_tokens = args.max_tokens or 200
-    while True:
-        if interactive:
-            _write("User: ")
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if line == "/quit":
-            break
-        if not line:
-            continue
-        logits = chain.feed(tokenizer.encode(f"User: {line}\n\nBot:"))
+
+    def answer(prompt: str) -> str:
+        logits = chain.feed(tokenizer.encode(prompt))
         _write("Bot:")
-        logits, text = generate(chain, logits, max_tokens, tokenizer, args, rng, stop="\n\n")
-        if not text.endswith("\n\n"):
-            # end the turn in the state too, so the next "User:" starts a fresh paragraph
-            chain.feed(tokenizer.encode("\n\n"))
-            _write("\n\n" if not text.endswith("\n") else "\n")
-    return 0
+        return generate(chain, logits, max_tokens, tokenizer, args, rng, stop=STOP)[1]
+
+    return chat_loop(answer, lambda: chain.feed(tokenizer.encode(STOP)), _write)
 
 
 def _peak_rss_mb() -> float:

@@ -121,27 +121,17 @@ def run(args, target, tokenizer, tokens, rng, open_chain) -> int:
 
 
 def chat(args, spec, policy, tokenizer) -> int:
-    interactive = sys.stdin.isatty()
+    from rwkv2rknn.run.chat import STOP, chat_loop
+
     max_tokens = args.max_tokens or 200
     spec.reset()
-    while True:
-        if interactive:
-            _write("User: ")
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if line == "/quit":
-            break
-        if not line:
-            continue
-        spec.feed(tokenizer.encode(f"User: {line}\n\nBot:"))
+
+    def answer(prompt: str) -> str:
+        spec.feed(tokenizer.encode(prompt))
         _write("Bot:")
-        _, text = spec_generate(spec, policy, max_tokens, tokenizer, stop="\n\n")
-        if not text.endswith("\n\n"):
-            spec.feed(tokenizer.encode("\n\n"))
-            _write("\n\n" if not text.endswith("\n") else "\n")
-    return 0
+        return spec_generate(spec, policy, max_tokens, tokenizer, stop=STOP)[1]
+
+    return chat_loop(answer, lambda: spec.feed(tokenizer.encode(STOP)), _write)
 
 
 def bench(args, spec, tokens, tokenizer) -> int:
