@@ -588,8 +588,14 @@ def batch_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> Pas
     m = int(m)
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
+    return batched_by(_Batcher, graph, m, state_pairs, token_inputs)
+
+
+def batched_by(batcher: type, graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> PassResult:
+    """Plan the batching of `graph`, run `batcher(plan, m)` (_Batcher or a subclass) and finish the new graph:
+    shapes inferred and static, no-op reshapes gone, sorted; its one note is the BatchPlan."""
     plan = plan_batch(graph, [tuple(p) for p in state_pairs], token_inputs)
-    out = _Batcher(plan, m).run()
+    out = batcher(plan, m).run()
     toposort(out.cleanup())
     infer_shapes(out)
     _check_static(out)

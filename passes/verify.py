@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from passes.batch import _Batcher, _check_static, plan_batch
-from passes.graphutil import static_shape, toposort
+from passes.batch import _Batcher, batched_by
+from passes.graphutil import static_shape
 from passes.infra import PassResult
-from passes.matmul2d import cancel_reshapes
-from passes.normalize import infer_shapes
 
 ROW_SUFFIX = "@row"
 
@@ -81,13 +79,7 @@ def verify_tokens(graph: gs.Graph, m: int, state_pairs, token_inputs=None) -> Pa
     m = int(m)
     if m < 2:
         raise ValueError(f"a verify graph has at least 2 rows (one drafted token), got {m}")
-    plan = plan_batch(graph, [tuple(p) for p in state_pairs], token_inputs)
-    out = _RowBatcher(plan, m).run()
-    toposort(out.cleanup())
-    infer_shapes(out)
-    _check_static(out)
-    cancel_reshapes(out)
-    return PassResult(toposort(out.cleanup()), (plan,), modified=True)
+    return batched_by(_RowBatcher, graph, m, state_pairs, token_inputs)
 
 
 __all__ = ["ROW_SUFFIX", "row_output", "verify_tokens"]
