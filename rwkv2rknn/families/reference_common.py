@@ -32,6 +32,18 @@ class ReferenceBase:
         self.head = cast(weights.head())
         self.n_layer, self.n_embd, self.n_vocab = weights.n_layer, weights.n_embd, weights.n_vocab
 
+    def forward(self, token: int, state=None) -> tuple[np.ndarray, object]:
+        """One token: (logits [V], the new state); the state passed in is not modified."""
+        raise NotImplementedError
+
+    def run(self, tokens) -> np.ndarray:
+        """Logits [T, V] of a token sequence from the initial state."""
+        state, out = self.init_state(), []
+        for t in tokens:
+            logits, state = self.forward(int(t), state)
+            out.append(logits)
+        return np.stack(out)
+
 
 class MatrixStateReference(ReferenceBase):
     """RWKV-5 and later: a (shift [2, C], matrix state [H, N, N]) pair per layer, ln0 after the embedding."""
@@ -48,3 +60,7 @@ class MatrixStateReference(ReferenceBase):
     def embedding(self, token: int) -> np.ndarray:
         e = self.embed
         return norm_last(e["emb.weight"][token], e["ln0.weight"], e["ln0.bias"], LN_EPS)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        hd = self.head
+        return hd["head.weight"] @ norm_last(x, hd["ln_out.weight"], hd["ln_out.bias"], LN_EPS)

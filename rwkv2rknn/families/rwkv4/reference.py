@@ -64,11 +64,3 @@ class RefModel(ReferenceBase):
             x, new[i] = self.block(i, x, state[i])
         x = _layer_norm(x, self.head["ln_out.weight"], self.head["ln_out.bias"])
         return self.head["head.weight"] @ x, new
-
-    def run(self, tokens) -> np.ndarray:
-        """Logits [T, V] for a token sequence from the initial state."""
-        state, out = self.init_state(), []
-        for t in tokens:
-            logits, state = self.forward(int(t), state)
-            out.append(logits)
-        return np.stack(out)

@@ -11,7 +11,6 @@ RefModel6 (rwkv2rknn/families/rwkv6) replaces the token-shift mixes, the decay a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -62,10 +61,6 @@ class RefModel5(MatrixStateReference):
         x = x + self.channel_mix(w, c, shift[0])
         return x, (np.stack([c, h]), S)
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        hd = self.head
-        return hd["head.weight"] @ norm_last(x, hd["ln_out.weight"], hd["ln_out.bias"], LN_EPS)
-
     def forward(self, token: int, state: list | None = None) -> tuple[np.ndarray, list]:
         """One token: (logits [V], the new state); the state passed in is not modified."""
         state = self.init_state() if state is None else state
@@ -74,11 +69,3 @@ class RefModel5(MatrixStateReference):
             x, st = self.block(i, x, state[i])
             new.append(st)
         return self.logits(x), new
-
-    def run(self, tokens: Iterable[int]) -> np.ndarray:
-        """Logits [T, V] of a token sequence from the zero state."""
-        state, out = self.init_state(), []
-        for t in tokens:
-            logits, state = self.forward(t, state)
-            out.append(logits)
-        return np.stack(out)

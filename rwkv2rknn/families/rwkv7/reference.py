@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -61,10 +60,6 @@ class RefModel7(MatrixStateReference):
         x = x + w["ffn.value.weight"] @ (hid * hid)
         return x, (np.stack([c, h]), S), v_first
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        hd = self.head
-        return hd["head.weight"] @ norm_last(x, hd["ln_out.weight"], hd["ln_out.bias"], LN_EPS)
-
     def forward(self, token: int, state: list | None = None) -> tuple[np.ndarray, list]:
         """One token: (logits [V], the new state); the state passed in is not modified."""
         state = self.init_state() if state is None else state
@@ -73,11 +68,3 @@ class RefModel7(MatrixStateReference):
             x, st, v_first = self.block(i, x, state[i], v_first)
             new.append(st)
         return self.logits(x), new
-
-    def run(self, tokens: Iterable[int]) -> np.ndarray:
-        """Logits [T, V] of a token sequence from the zero state."""
-        state, out = self.init_state(), []
-        for t in tokens:
-            logits, state = self.forward(t, state)
-            out.append(logits)
-        return np.stack(out)
