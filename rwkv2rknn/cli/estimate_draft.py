@@ -30,25 +30,25 @@ def check(args) -> None:
 def run(args, data: dict, program, named_profile, loader, runtime_profiles: dict, loader_of) -> dict:
     """The speculative estimate on every runtime profile (`runtime_profiles`: name -> runtime, and the named one);
     printed unless --json. loader_of(manifest): the segment loader of a manifest (the draft's)."""
-    RUNTIME_PROFILES, _loader = runtime_profiles, loader_of
     from rwkv2rknn.cost.estimate import program_of, with_features
     from rwkv2rknn.cost.profile import load_profile
     from rwkv2rknn.cost.speculative import ACCEPTANCE_GRID, speculative_estimate
     from rwkv2rknn.manifest import Manifest
 
     draft_manifest = Manifest.load(args.draft, check_files=False)
-    draft, _ = with_features(draft_manifest.data, _loader(draft_manifest))
+    draft_loader = loader_of(draft_manifest)
+    draft, _ = with_features(draft_manifest.data, draft_loader)
     precision = args.precision or (data.get("build") or {}).get("precision", "fp16")
     dprog = program_of(draft, precision)
     ps = tuple(sorted(set(args.acceptance))) if args.acceptance else ACCEPTANCE_GRID
     if args.acceptance:
         ps = tuple(sorted(set(ps) | set(ACCEPTANCE_GRID)))
     out = {}
-    names = list(RUNTIME_PROFILES) + ([named_profile.name] if named_profile.name not in RUNTIME_PROFILES else [])
+    names = list(runtime_profiles) + ([named_profile.name] if named_profile.name not in runtime_profiles else [])
     for name in names:
         prof = named_profile if name == named_profile.name else load_profile(name)
         est = speculative_estimate(data, draft, prof, args.precision, ps, target_program=program,
-                                   draft_program=dprog, loader=loader, draft_loader=_loader(draft_manifest))
+                                   draft_program=dprog, loader=loader, draft_loader=draft_loader)
         out[name] = est.to_dict()
         out[name]["acceptance_given"] = sorted(set(args.acceptance)) if args.acceptance else None
     if not args.json:
